@@ -1,0 +1,166 @@
+"""One frozen ModelConfig for every model family, validated on construction, and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from flaxformer_lite.ops.activations import ACTIVATIONS, GATED_ACTIVATIONS
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "sinusoidal", "rope", "relative", "alibi", "none")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a Transformer; variants are fields, not subclasses."""
+
+    vocab_size: int = 32_000  # shared by source and target (one joint SentencePiece model)
+    d_model: int = 512  # width of the residual stream ("embed")
+    num_heads: int = 8  # query heads
+    num_kv_heads: int | None = None  # None = num_heads (MHA); 1 = MQA; a divisor = GQA
+    head_dim: int | None = None  # None = d_model // num_heads
+    d_ff: int = 2048  # hidden width of the feed-forward block ("mlp")
+    num_encoder_layers: int = 6  # unused by DecoderOnly
+    num_decoder_layers: int = 6  # the layers of DecoderOnly, or the decoder of EncoderDecoder
+    activation: str = "relu"  # relu | gelu | gelu_tanh | silu | swiglu | geglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-6
+    pre_norm: bool = False  # False: post-LN as in the paper; True: pre-LN plus a final norm
+    position: str = "sinusoidal"  # learned | sinusoidal | rope | relative | alibi | none
+    max_len: int = 512  # learned table size and the longest KV cache
+    rope_theta: float = 10_000.0
+    relative_buckets: int = 32  # T5 relative-position buckets (position="relative")
+    relative_max_distance: int = 128
+    local_window: int | None = None  # sliding-window self-attention span, None = global
+    use_bias: bool = True  # biases in the dense layers and LayerNorm
+    tie_embeddings: bool = True  # output logits through the transposed token embedding
+    scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model), as the paper
+    init_std: float | None = None  # None: Xavier-uniform dense, d_model**-0.5 embeddings; else N(0, std)
+    dropout_rate: float = 0.1  # residual and embedding dropout
+    attention_dropout_rate: float = 0.0  # > 0 forces the einsum attention path (no fused kernel)
+    num_classes: int = 2  # classification head of EncoderOnly
+    dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
+    param_dtype: Any = jnp.float32  # parameters (and so optimizer state) stay float32
+    attention_impl: str | None = None  # None (choose) | xla | cudnn | reference
+    scan_layers: bool = False  # nn.scan over layers: faster compiles, params stacked on "layers"
+    remat_policy: str = "none"  # none | full | dots | dots_no_batch (activation checkpointing)
+    deterministic: bool = False  # True disables dropout (eval, decoding)
+    decode: bool = False  # True: incremental decoding with a KV cache in the "cache" collection
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("dtype", jnp.dtype(self.dtype))
+        set_("param_dtype", jnp.dtype(self.param_dtype))
+        _check(self.vocab_size > 0, "vocab_size", self.vocab_size, "use a positive vocabulary size")
+        _check(self.d_model > 0, "d_model", self.d_model, "use a positive width")
+        _check(self.num_heads > 0, "num_heads", self.num_heads, "use at least one head")
+        if self.head_dim is None:
+            _check(
+                self.d_model % self.num_heads == 0, "num_heads", self.num_heads,
+                f"pick a divisor of d_model={self.d_model} or set head_dim explicitly",
+            )
+            set_("head_dim", self.d_model // self.num_heads)
+        if self.num_kv_heads is None:
+            set_("num_kv_heads", self.num_heads)
+        _check(
+            0 < self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads", self.num_kv_heads,
+            f"pick a divisor of num_heads={self.num_heads} (1 = MQA, num_heads = MHA)",
+        )
+        activations = sorted(ACTIVATIONS) + sorted(GATED_ACTIVATIONS)
+        _check(self.activation in activations, "activation", self.activation, f"use one of {activations}")
+        _check(self.norm in NORMS, "norm", self.norm, f"use one of {NORMS}")
+        _check(self.position in POSITIONS, "position", self.position, f"use one of {POSITIONS}")
+        _check(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy,
+               f"use one of {REMAT_POLICIES}")
+        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl", self.attention_impl,
+               f"use one of {ATTENTION_IMPLS}")
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            rate = getattr(self, name)
+            _check(0.0 <= rate < 1.0, name, rate, "use a rate in [0, 1)")
+        for name in ("d_ff", "max_len", "num_classes"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "use a positive value")
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more layers")
+        if self.position == "rope":
+            _check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "RoPE needs an even head_dim")
+        if self.position == "sinusoidal":
+            _check(self.d_model % 2 == 0, "d_model", self.d_model, "sinusoidal positions need an even d_model")
+        if self.local_window is not None:
+            _check(self.local_window > 0, "local_window", self.local_window, "use None or a positive span")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the feed-forward block is a GLU (two input projections)."""
+        return self.activation in GATED_ACTIVATIONS
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with fields changed, validated again (e.g. `.replace(decode=True)`)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, field: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {fix}.")
+
+
+def transformer_base(vocab_size: int = 32_000, **overrides) -> ModelConfig:
+    """Vaswani et al. 2017 base: N=6, d=512, h=8, d_ff=2048, dropout 0.1, shared vocab."""
+    return ModelConfig(vocab_size=vocab_size, **overrides)
+
+
+def transformer_big(vocab_size: int = 32_000, **overrides) -> ModelConfig:
+    """Vaswani et al. 2017 big: d=1024, h=16, d_ff=4096, dropout 0.3."""
+    fields = dict(d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
+    return ModelConfig(vocab_size=vocab_size, **{**fields, **overrides})
+
+
+def gpt2_small(vocab_size: int = 50_257, **overrides) -> ModelConfig:
+    """GPT-2 124M: 12 pre-LN layers, d=768, h=12, learned positions (1024), tied, gelu_tanh."""
+    fields = dict(
+        d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=0, num_decoder_layers=12,
+        activation="gelu_tanh", norm_eps=1e-5, pre_norm=True, position="learned", max_len=1024,
+        scale_embeddings=False, init_std=0.02,
+    )
+    return ModelConfig(vocab_size=vocab_size, **{**fields, **overrides})
+
+
+def llama_small(vocab_size: int = 32_000, **overrides) -> ModelConfig:
+    """LLaMA-style 125M: RMSNorm, SwiGLU, RoPE, GQA (12 query / 4 kv heads), no biases, untied."""
+    fields = dict(
+        d_model=768, num_heads=12, num_kv_heads=4, d_ff=2048, num_encoder_layers=0,
+        num_decoder_layers=12, activation="swiglu", norm="rmsnorm", norm_eps=1e-5,
+        pre_norm=True, position="rope", max_len=2048, use_bias=False, tie_embeddings=False,
+        scale_embeddings=False, init_std=0.02, dropout_rate=0.0,
+    )
+    return ModelConfig(vocab_size=vocab_size, **{**fields, **overrides})
+
+
+def tiny(vocab_size: int = 67, **overrides) -> ModelConfig:
+    """Test-sized: prime-ish dims so a swapped axis cannot pass (d=24, 4 heads of 6, 2 kv heads)."""
+    fields = dict(
+        d_model=24, num_heads=4, num_kv_heads=2, d_ff=40, num_encoder_layers=2,
+        num_decoder_layers=2, max_len=32, dropout_rate=0.0,
+    )
+    return ModelConfig(vocab_size=vocab_size, **{**fields, **overrides})
+
+
+PRESETS = {
+    "transformer_base": transformer_base,
+    "transformer_big": transformer_big,
+    "gpt2_small": gpt2_small,
+    "llama_small": llama_small,
+    "tiny": tiny,
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A preset by name with fields overridden, e.g. `preset("tiny", position="rope")`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; use one of {sorted(PRESETS)}.")
+    return PRESETS[name](**overrides)

@@ -1,0 +1,325 @@
+"""Flax Linen building blocks: they own parameters and call the pure functions in `ops`.
+
+Every parameter carries logical axis names from one vocabulary (see AXES); activations are
+constrained at block boundaries. `sharding.py` maps the names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxformer_lite import ops
+from flaxformer_lite.config import ModelConfig
+
+Array = jax.Array
+
+# The logical axis names, used on params, on activations and in the sharding rule table.
+BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV = "batch", "length", "embed", "heads", "kv_heads", "kv"
+MLP, VOCAB, LAYERS, CLASSES, BUCKETS = "mlp", "vocab", "layers", "classes", "relpos_buckets"
+AXES = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV, MLP, VOCAB, LAYERS, CLASSES, BUCKETS)
+ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _kernel_init(cfg: ModelConfig):
+    if cfg.init_std is None:
+        return nn.initializers.xavier_uniform()
+    return nn.initializers.normal(cfg.init_std)
+
+
+def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, in_axes: int = 1):
+    """A DenseGeneral with logical axes (input axes first) on kernel and bias."""
+    features = features if isinstance(features, tuple) else (features,)
+    return nn.DenseGeneral(
+        features,
+        axis=tuple(range(-in_axes, 0)),
+        use_bias=cfg.use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(_kernel_init(cfg), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[in_axes:]),
+        name=name,
+    )
+
+
+class Norm(nn.Module):
+    """LayerNorm (scale and, with use_bias, bias) or RMSNorm (scale only) over the last axis."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        ones = nn.with_logical_partitioning(nn.initializers.ones, (EMBED,))
+        scale = self.param("scale", ones, (x.shape[-1],), cfg.param_dtype)
+        if cfg.norm == "rmsnorm":
+            return ops.rms_norm(x, scale, cfg.norm_eps)
+        bias = None
+        if cfg.use_bias:
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,))
+            bias = self.param("bias", zeros, (x.shape[-1],), cfg.param_dtype)
+        return ops.layer_norm(x, scale, bias, cfg.norm_eps)
+
+
+class Embed(nn.Module):
+    """A [num_embeddings, d_model] table; `attend` gives logits through its transpose (tying)."""
+
+    num_embeddings: int
+    config: ModelConfig
+    scale: bool = False  # multiply looked-up vectors by sqrt(d_model)
+    axes: tuple[str, str] = (VOCAB, EMBED)
+
+    def setup(self):
+        cfg = self.config
+        std = cfg.init_std if cfg.init_std is not None else cfg.d_model**-0.5
+        init = nn.with_logical_partitioning(nn.initializers.normal(std), self.axes)
+        self.embedding = self.param(
+            "embedding", init, (self.num_embeddings, cfg.d_model), cfg.param_dtype
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        """[B, T] int -> [B, T, d_model] in the compute dtype."""
+        x = jnp.take(self.embedding, ids, axis=0).astype(self.config.dtype)
+        return x * jnp.sqrt(jnp.asarray(self.config.d_model, x.dtype)) if self.scale else x
+
+    def attend(self, x: Array) -> Array:
+        """[B, T, d_model] -> [B, T, num_embeddings] logits."""
+        dtype = self.config.dtype
+        return jnp.einsum("btd,vd->btv", x.astype(dtype), self.embedding.astype(dtype))
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward: d_model -> d_ff (activation, or GLU gate) -> d_model."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        if cfg.gated:
+            gate = dense(cfg, cfg.d_ff, (EMBED, MLP), "wi_gate")(x)
+            up = dense(cfg, cfg.d_ff, (EMBED, MLP), "wi_up")(x)
+            h = ops.gated(cfg.activation, gate, up)
+        else:
+            h = ops.ACTIVATIONS[cfg.activation](dense(cfg, cfg.d_ff, (EMBED, MLP), "wi")(x))
+        h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP))
+        return dense(cfg, cfg.d_model, (MLP, EMBED), "wo")(h)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self- or cross-attention with GQA/MQA, RoPE or relative/ALiBi bias, and a KV cache.
+
+    With `config.decode`, self-attention keeps keys and values of past tokens in the "cache"
+    collection (first call with a full-length input creates it empty), and cross-attention
+    projects the encoder output once, when the cache is created, and reuses it.
+    """
+
+    config: ModelConfig
+    causal: bool = False
+    cross: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        context: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        context_segment_ids: Array | None = None,
+        positions: Array | None = None,
+    ) -> Array:
+        """x [B, T, d_model] (context [B, S, d_model] if cross) -> [B, T, d_model]."""
+        cfg = self.config
+        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = dense(cfg, (N, H), (EMBED, HEADS, KV), "query")(x)  # [B, T, N, H]
+        key = dense(cfg, (K, H), (EMBED, KV_HEADS, KV), "key")
+        value = dense(cfg, (K, H), (EMBED, KV_HEADS, KV), "value")
+        mask = bias = None
+        if self.cross:
+            k, v, kv_segment_ids = self._cross_kv(key, value, context, context_segment_ids)
+            q_segment_ids = None
+            if kv_segment_ids is not None:
+                q_segment_ids = segment_ids
+                if q_segment_ids is None:  # unpacked: every query belongs to sequence 1
+                    q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+        else:
+            k, v = key(x), value(x)  # [B, T, K, H]
+            q_segment_ids = kv_segment_ids = segment_ids
+            if cfg.decode and self.has_variable("cache", "cached_key"):
+                q, k, v, mask, q_pos, kv_pos = self._decode_step(q, k, v, segment_ids)
+                q_segment_ids = kv_segment_ids = None  # folded into the mask with the cache
+            else:
+                if cfg.decode:  # creating the cache: shapes only, output is not used
+                    self._decode_step(q, k, v, segment_ids)
+                if positions is None:
+                    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+                q_pos = kv_pos = positions
+                if cfg.position == "rope":
+                    q = ops.apply_rope(q, q_pos, cfg.rope_theta)
+                    k = ops.apply_rope(k, kv_pos, cfg.rope_theta)
+            bias = self._position_bias(q_pos, kv_pos)
+        dropout_rng = None
+        if cfg.attention_dropout_rate > 0.0 and not cfg.deterministic:
+            dropout_rng = self.make_rng("dropout")
+        out = ops.dot_product_attention(
+            q, k, v,
+            mask=mask,
+            bias=bias,
+            is_causal=self.causal and mask is None,
+            segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            local_window=None if (self.cross or mask is not None) else cfg.local_window,
+            dropout_rate=cfg.attention_dropout_rate,
+            dropout_rng=dropout_rng,
+            implementation=cfg.attention_impl,
+        )  # [B, T, N, H]
+        return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
+
+    def _cross_kv(self, key, value, context, context_segment_ids):
+        """Keys, values and segment ids of the encoder output (projected once when decoding)."""
+        if not self.config.decode:
+            return key(context), value(context), context_segment_ids
+        if context_segment_ids is None and not self.has_variable("cache", "cached_segment_ids"):
+            context_segment_ids = jnp.ones(context.shape[:2], jnp.int32)
+        k = self.variable("cache", "cached_key", lambda: key(context))
+        v = self.variable("cache", "cached_value", lambda: value(context))
+        seg = self.variable("cache", "cached_segment_ids", lambda: context_segment_ids)
+        return k.value, v.value, seg.value
+
+    def _decode_step(self, q, k, v, segment_ids):
+        """Write T new keys/values at the cache index; mask = written, valid and causal slots.
+
+        The cache is created (empty, sized by the first call's length) when absent. Slot index
+        serves as the position for RoPE and relative biases, which depend only on offsets, so a
+        left-padded prompt (segment id 0 on its padding) decodes like an unpadded one.
+        """
+        cfg = self.config
+        creating = not self.has_variable("cache", "cached_key")
+        ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cvalid = self.variable("cache", "cached_valid", jnp.zeros, k.shape[:2], jnp.bool_)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if creating:
+            return None
+        B, T = q.shape[:2]
+        S = ck.value.shape[1]
+        i = index.value
+        q_pos = jnp.broadcast_to(i + jnp.arange(T), (B, T))
+        kv_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+        if cfg.position == "rope":
+            q = ops.apply_rope(q, q_pos, cfg.rope_theta)
+            k = ops.apply_rope(k, q_pos, cfg.rope_theta)  # the new keys sit at the query slots
+        valid = jnp.ones((B, T), jnp.bool_) if segment_ids is None else segment_ids != 0
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+        cvalid.value = jax.lax.dynamic_update_slice(cvalid.value, valid, (0, i))
+        index.value = i + T
+        mask = ops.combine_masks(
+            cvalid.value[:, None, None, :],
+            ops.causal_mask(q_pos, kv_pos),
+            None if cfg.local_window is None else ops.sliding_window_mask(q_pos, kv_pos, cfg.local_window),
+        )
+        return q, ck.value, cv.value, mask, q_pos, kv_pos
+
+    def _position_bias(self, q_pos, kv_pos):
+        """[B, N, T, S] bias for relative (T5 buckets, per-layer table) or ALiBi positions."""
+        cfg = self.config
+        if cfg.position == "alibi":
+            return ops.alibi_bias(q_pos, kv_pos, cfg.num_heads)
+        if cfg.position != "relative":
+            return None
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (BUCKETS, HEADS))
+        table = self.param("relative_bias", init, (cfg.relative_buckets, cfg.num_heads), cfg.param_dtype)
+        return ops.relative_position_bias(
+            q_pos, kv_pos, table, bidirectional=not self.causal,
+            max_distance=cfg.relative_max_distance,
+        )
+
+
+def residual(cfg: ModelConfig, fn, x: Array, norm_name: str) -> Array:
+    """Pre-LN `x + drop(fn(norm(x)))` or post-LN `norm(x + drop(fn(x)))`, by config.pre_norm."""
+    drop = nn.Dropout(cfg.dropout_rate, deterministic=cfg.deterministic)
+    if cfg.pre_norm:
+        return x + drop(fn(Norm(cfg, name=norm_name)(x)))
+    return Norm(cfg, name=norm_name)(x + drop(fn(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional self-attention then feed-forward, each in a residual block."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None):
+        cfg = self.config
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        attn = MultiHeadAttention(cfg, name="self_attention")
+        x = residual(cfg, lambda h: attn(h, segment_ids=segment_ids, positions=positions), x, "attention_norm")
+        x = residual(cfg, Mlp(cfg, name="mlp"), x, "mlp_norm")
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        return (x, None) if cfg.scan_layers else x
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention to the encoder (if `cross`), feed-forward."""
+
+    config: ModelConfig
+    cross: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        encoded: Array | None = None,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        encoded_segment_ids: Array | None = None,
+    ):
+        cfg = self.config
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        attn = MultiHeadAttention(cfg, causal=True, name="self_attention")
+        x = residual(cfg, lambda h: attn(h, segment_ids=segment_ids, positions=positions), x, "attention_norm")
+        if self.cross:
+            xattn = MultiHeadAttention(cfg, cross=True, name="cross_attention")
+            x = residual(
+                cfg,
+                lambda h: xattn(h, encoded, segment_ids=segment_ids, context_segment_ids=encoded_segment_ids),
+                x,
+                "cross_attention_norm",
+            )
+        x = residual(cfg, Mlp(cfg, name="mlp"), x, "mlp_norm")
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        return (x, None) if cfg.scan_layers else x
+
+
+def run_layers(cfg: ModelConfig, layer_cls, num_layers: int, x: Array, *args, **layer_kwargs) -> Array:
+    """`num_layers` layers in sequence: a Python loop, or `nn.scan` with params stacked on "layers".
+
+    With remat, each layer's activations are recomputed in the backward pass per the named policy.
+    Call inside a compact module: layers are named `layer_{i}` (loop) or `layers` (scan).
+    """
+    if cfg.remat_policy != "none":
+        layer_cls = nn.remat(
+            layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+        )
+    if cfg.scan_layers:
+        scanned = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: LAYERS},
+        )
+        x, _ = scanned(cfg, name="layers", **layer_kwargs)(x, *args)
+        return x
+    for i in range(num_layers):
+        x = layer_cls(cfg, name=f"layer_{i}", **layer_kwargs)(x, *args)
+    return x

@@ -1,0 +1,191 @@
+"""The three model families, built from one ModelConfig.
+
+Token id 0 is padding. Decoder inputs are passed already shifted (see `ops.shift_right`), so
+training code can feed other histories (e.g. scheduled sampling) without touching the model.
+Packed batches pass segment ids (0 = padding) and per-sequence positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxformer_lite import ops
+from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.layers import (
+    CLASSES, EMBED, LENGTH, VOCAB, DecoderLayer, Embed, EncoderLayer, Norm, dense, run_layers,
+)
+
+Array = jax.Array
+
+
+def _default_positions(tokens: Array, positions: Array | None) -> Array:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if positions is None else positions
+
+
+class _Positions(nn.Module):
+    """Adds absolute positions (learned or sinusoidal) to embeddings; others act in attention."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array) -> Array:
+        cfg = self.config
+        if cfg.position == "learned":
+            x = x + Embed(cfg.max_len, cfg, axes=(LENGTH, EMBED), name="table")(positions)
+        elif cfg.position == "sinusoidal":
+            x = x + ops.sinusoidal_embedding(positions, cfg.d_model).astype(x.dtype)
+        return nn.Dropout(cfg.dropout_rate, deterministic=cfg.deterministic)(x)
+
+
+class Encoder(nn.Module):
+    """Token embedding + positions -> bidirectional layers -> final norm (pre-LN only)."""
+
+    config: ModelConfig
+    embed: Embed
+
+    @nn.compact
+    def __call__(self, tokens: Array, segment_ids: Array, positions: Array | None = None) -> Array:
+        """[B, S] ids and segment ids -> [B, S, d_model]."""
+        cfg = self.config
+        positions = _default_positions(tokens, positions)
+        x = _Positions(cfg, name="positions")(self.embed(tokens), positions)
+        x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, segment_ids, positions)
+        return Norm(cfg, name="final_norm")(x) if cfg.pre_norm else x
+
+
+class Decoder(nn.Module):
+    """Causal layers (with cross-attention if `cross`) -> final norm -> vocabulary logits."""
+
+    config: ModelConfig
+    embed: Embed
+    cross: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        encoded: Array | None = None,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        encoded_segment_ids: Array | None = None,
+    ) -> Array:
+        """[B, T] ids -> [B, T, vocab] logits (compute dtype; losses upcast to float32)."""
+        cfg = self.config
+        if positions is None and cfg.decode:
+            # Decoding one chunk at a time: continue positions from where the last call stopped.
+            creating = not self.has_variable("cache", "position_index")
+            index = self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
+            positions = jnp.broadcast_to(index.value + jnp.arange(tokens.shape[1]), tokens.shape)
+            if not creating:
+                index.value = index.value + tokens.shape[1]
+        positions = _default_positions(tokens, positions)
+        x = _Positions(cfg, name="positions")(self.embed(tokens), positions)
+        x = run_layers(
+            cfg, DecoderLayer, cfg.num_decoder_layers, x, encoded, segment_ids, positions,
+            encoded_segment_ids, cross=self.cross,
+        )
+        if cfg.pre_norm:
+            x = Norm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            return self.embed.attend(x)
+        return dense(cfg, cfg.vocab_size, (EMBED, VOCAB), "logits")(x)
+
+
+def _token_embed(cfg: ModelConfig) -> Embed:
+    return Embed(cfg.vocab_size, cfg, scale=cfg.scale_embeddings, name="token_embed")
+
+
+class EncoderDecoder(nn.Module):
+    """Translation model: encoder over source ids, decoder over shifted target ids."""
+
+    config: ModelConfig
+
+    def setup(self):
+        self.embed = _token_embed(self.config)
+        self.encoder = Encoder(self.config, self.embed)
+        self.decoder = Decoder(self.config, self.embed, cross=True)
+
+    def encode(self, inputs: Array, segment_ids: Array | None = None, positions: Array | None = None):
+        """[B, S] source ids -> [B, S, d_model]. Without segment ids, id 0 marks padding."""
+        return self.encoder(inputs, _source_segments(inputs, segment_ids), positions)
+
+    def decode(
+        self,
+        encoded: Array | None,
+        decoder_inputs: Array,
+        *,
+        inputs: Array | None = None,
+        inputs_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+    ) -> Array:
+        """Encoded source, [B, T] shifted target ids -> [B, T, vocab] logits.
+
+        The source's padding comes from `inputs_segment_ids`, or from `inputs` (id 0 = padding).
+        With `config.decode` the encoder output is read only when the cache is created.
+        """
+        if inputs_segment_ids is None and inputs is not None:
+            inputs_segment_ids = _source_segments(inputs, None)
+        return self.decoder(
+            decoder_inputs, encoded, decoder_segment_ids, decoder_positions, inputs_segment_ids
+        )
+
+    def __call__(
+        self,
+        inputs: Array,
+        decoder_inputs: Array,
+        *,
+        inputs_segment_ids: Array | None = None,
+        inputs_positions: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+    ) -> Array:
+        """[B, S] source ids, [B, T] shifted target ids -> [B, T, vocab] logits."""
+        inputs_segment_ids = _source_segments(inputs, inputs_segment_ids)
+        encoded = self.encode(inputs, inputs_segment_ids, inputs_positions)
+        return self.decode(
+            encoded, decoder_inputs, inputs_segment_ids=inputs_segment_ids,
+            decoder_segment_ids=decoder_segment_ids, decoder_positions=decoder_positions,
+        )
+
+
+def _source_segments(inputs: Array, segment_ids: Array | None) -> Array:
+    return (inputs != 0).astype(jnp.int32) if segment_ids is None else segment_ids
+
+
+class DecoderOnly(nn.Module):
+    """GPT-style causal language model: [B, T] ids -> [B, T, vocab] next-token logits."""
+
+    config: ModelConfig
+
+    def setup(self):
+        self.embed = _token_embed(self.config)
+        self.decoder = Decoder(self.config, self.embed, cross=False)
+
+    def __call__(
+        self, tokens: Array, *, segment_ids: Array | None = None, positions: Array | None = None
+    ) -> Array:
+        """Right padding needs no segment ids (causality hides it); packed or left-padded rows do."""
+        return self.decoder(tokens, None, segment_ids, positions)
+
+
+class EncoderOnly(nn.Module):
+    """BERT-style encoder with a masked-LM head and a first-token classification head."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens: Array, *, segment_ids: Array | None = None, positions: Array | None = None
+    ) -> tuple[Array, Array]:
+        """[B, S] ids -> ([B, S, vocab] MLM logits, [B, num_classes] classification logits)."""
+        cfg = self.config
+        embed = _token_embed(cfg)
+        x = Encoder(cfg, embed, name="encoder")(tokens, _source_segments(tokens, segment_ids), positions)
+        h = Norm(cfg, name="mlm_norm")(jax.nn.gelu(dense(cfg, cfg.d_model, (EMBED, EMBED), "mlm_dense")(x)))
+        mlm_logits = embed.attend(h) if cfg.tie_embeddings else dense(cfg, cfg.vocab_size, (EMBED, VOCAB), "mlm_logits")(h)
+        pooled = jnp.tanh(dense(cfg, cfg.d_model, (EMBED, EMBED), "pooler")(x[:, 0]))
+        class_logits = dense(cfg, cfg.num_classes, (EMBED, CLASSES), "classifier")(pooled)
+        return mlm_logits, class_logits

@@ -1,0 +1,32 @@
+"""Pure JAX functions (no Flax): attention and masks, positions, norms, activations, losses."""
+
+from flaxformer_lite.ops.activations import ACTIVATIONS, GATED_ACTIVATIONS, gated
+from flaxformer_lite.ops.attention import (
+    causal_mask,
+    combine_masks,
+    dot_product_attention,
+    padding_mask,
+    reference_attention,
+    segment_mask,
+    sliding_window_mask,
+)
+from flaxformer_lite.ops.losses import accuracy, cross_entropy
+from flaxformer_lite.ops.norms import layer_norm, rms_norm
+from flaxformer_lite.ops.positions import (
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    relative_position_bias,
+    relative_position_bucket,
+    sinusoidal_embedding,
+    sinusoidal_table,
+)
+from flaxformer_lite.ops.sequences import shift_right
+
+__all__ = [
+    "ACTIVATIONS", "GATED_ACTIVATIONS", "accuracy", "alibi_bias", "alibi_slopes", "apply_rope",
+    "causal_mask", "combine_masks", "cross_entropy", "dot_product_attention", "gated",
+    "layer_norm", "padding_mask", "reference_attention", "relative_position_bias",
+    "relative_position_bucket", "rms_norm", "segment_mask", "shift_right",
+    "sinusoidal_embedding", "sinusoidal_table", "sliding_window_mask",
+]

@@ -1,0 +1,192 @@
+"""Scaled dot-product attention and the boolean masks that feed it (pure JAX).
+
+Shape letters used throughout: B batch, T query length, S key/value length, N query heads,
+K key/value heads (N % K == 0: K == N is multi-head, 1 < K < N grouped-query, K == 1 multi-query),
+H head dim. Masks are boolean with True meaning "may attend", shaped [B, 1 or N, T, S].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+IMPLEMENTATIONS = (None, "xla", "cudnn", "reference")
+
+
+def causal_mask(q_positions: Array, kv_positions: Array) -> Array:
+    """[B, T], [B, S] positions -> [B, 1, T, S]: a query sees keys at its position or earlier."""
+    return (kv_positions[:, None, None, :] <= q_positions[:, None, :, None])
+
+
+def padding_mask(q_valid: Array, kv_valid: Array) -> Array:
+    """[B, T], [B, S] booleans (True = real token) -> [B, 1, T, S]: real queries see real keys."""
+    return q_valid[:, None, :, None] & kv_valid[:, None, None, :]
+
+
+def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+    """[B, T], [B, S] integer ids -> [B, 1, T, S]: tokens of packed sequences see only their own.
+
+    Id 0 marks padding. A padding query sees padding keys only (its output is ignored downstream),
+    so no row of the mask is ever empty and softmax never divides by zero.
+    """
+    return q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+
+
+def sliding_window_mask(q_positions: Array, kv_positions: Array, window: int) -> Array:
+    """[B, T], [B, S] positions -> [B, 1, T, S]: keys fewer than `window` positions away.
+
+    Combined with `causal_mask` this is the usual left-only local window (window 1 = self only).
+    """
+    distance = q_positions[:, None, :, None] - kv_positions[:, None, None, :]
+    return jnp.abs(distance) < window
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    """Logical AND of the masks that are not None (None if all are None)."""
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out & m
+    return out
+
+
+def _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window):
+    """Every constraint as one boolean [B, 1 or N, T, S] mask (None if unconstrained)."""
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    q_idx = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+    kv_idx = jnp.broadcast_to(jnp.arange(S)[None], (B, S))
+    seg = None
+    if segment_ids is not None:
+        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+        seg = segment_mask(segment_ids, kv_seg)
+    return combine_masks(
+        None if mask is None else jnp.broadcast_to(mask, (B,) + mask.shape[1:]),
+        causal_mask(q_idx, kv_idx) if is_causal else None,
+        seg,
+        sliding_window_mask(q_idx, kv_idx, local_window) if local_window is not None else None,
+    )
+
+
+def reference_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+    """Plain-einsum attention, fp32 logits and softmax: [B,T,N,H], [B,S,K,H] x2 -> [B,T,N,H].
+
+    mask: bool [B or 1, N or 1, T, S]; bias: float [B or 1, N or 1, T, S], added to the logits.
+    The only path that applies dropout to the attention probabilities.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / jnp.sqrt(jnp.float32(H)))
+    if bias is not None:
+        logits = logits + _group_heads(bias.astype(jnp.float32), K, G)
+    if mask is not None:
+        logits = jnp.where(_group_heads(mask, K, G), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(B, T, N, H)
+
+
+def _group_heads(x: Array, K: int, G: int) -> Array:
+    """[B, N or 1, T, S] -> [B, K or 1, G or 1, T, S] to line up with grouped query heads."""
+    b, n, t, s = x.shape
+    return x.reshape(b, K, G, t, s) if n == K * G else x.reshape(b, 1, 1, t, s)
+
+
+def _choose_implementation(q, mask, bias, segment_ids, dropout_active):
+    """cuDNN flash attention when the inputs qualify on a GPU, XLA otherwise."""
+    if dropout_active:
+        return "reference"
+    qualifies = (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 128
+        and mask is None
+        and bias is None
+        and segment_ids is None
+    )
+    return "cudnn" if qualifies else "xla"
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
+    local_window: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """softmax(q k^T / sqrt(H) + bias) v with fp32 softmax: [B,T,N,H], [B,S,K,H] x2 -> [B,T,N,H].
+
+    Args:
+      q, k, v: queries [B, T, N, H]; keys and values [B, S, K, H] with N % K == 0 (GQA/MQA).
+      mask: optional bool [B or 1, N or 1, T, S], True = attend.
+      bias: optional float [B or 1, N or 1, T, S] added to the logits (relative positions, ALiBi).
+      is_causal: query i sees keys 0..i (by index; with packing, combine with segment_ids).
+      segment_ids: int [B, T] ids of packed sequences (0 = padding); queries see only keys of the
+        same id. kv_segment_ids [B, S] gives the keys' ids when they differ (cross-attention).
+      local_window: keys fewer than this many positions from the query (left-only with causal).
+      dropout_rate, dropout_rng: dropout on the attention probabilities (forces "reference").
+      implementation: None (choose), "xla" or "cudnn" (`jax.nn.dot_product_attention`), or
+        "reference" (plain einsum, used by tests and for attention dropout).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; use one of {IMPLEMENTATIONS}.")
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError(
+            f"expected q [B,T,N,H] and k, v [B,S,K,H]; got q{q.shape} k{k.shape} v{v.shape}."
+        )
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"q{q.shape} and k{k.shape} disagree: batch and head dim must match and the "
+            "query heads must be a multiple of the key/value heads."
+        )
+    dropout_active = dropout_rate > 0.0 and dropout_rng is not None
+    if implementation is None:
+        implementation = _choose_implementation(q, mask, bias, segment_ids, dropout_active)
+    if dropout_active and implementation != "reference":
+        raise ValueError(
+            f"attention dropout needs implementation='reference', not {implementation!r}; "
+            "set the attention dropout rate to 0 to use the fused kernels."
+        )
+    if implementation == "reference" or segment_ids is not None or mask is not None:
+        # Dense masks are materialised once; the fused kernel path below takes flags only.
+        full = _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window)
+        if implementation == "reference":
+            return reference_attention(
+                q, k, v, mask=full, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+            )
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=full, implementation=implementation
+        )
+    window = None if local_window is None else (local_window - 1, local_window - 1)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, is_causal=is_causal, local_window_size=window,
+        implementation=implementation,
+    )

@@ -1,0 +1,26 @@
+"""Normalisation as pure functions; statistics in float32, output in the input's dtype."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def layer_norm(x: Array, scale: Array, bias: Array | None = None, eps: float = 1e-6) -> Array:
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis: [..., D], [D], [D] -> [..., D]."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(x: Array, scale: Array, eps: float = 1e-6) -> Array:
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis: [..., D], [D] -> [..., D]."""
+    x32 = x.astype(jnp.float32)
+    ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(ms + eps) * scale.astype(jnp.float32)).astype(x.dtype)
