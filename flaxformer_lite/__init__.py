@@ -25,7 +25,25 @@ from flaxformer_lite.models import Decoder, DecoderOnly, Encoder, EncoderDecoder
 __version__ = "0.1.0"
 
 __all__ = [
-    "AXES", "Decoder", "DecoderLayer", "DecoderOnly", "Embed", "Encoder", "EncoderDecoder",
-    "EncoderLayer", "EncoderOnly", "Mlp", "ModelConfig", "MultiHeadAttention", "Norm", "PRESETS",
-    "gpt2_small", "llama_small", "ops", "preset", "tiny", "transformer_base", "transformer_big",
+    "AXES",
+    "Decoder",
+    "DecoderLayer",
+    "DecoderOnly",
+    "Embed",
+    "Encoder",
+    "EncoderDecoder",
+    "EncoderLayer",
+    "EncoderOnly",
+    "Mlp",
+    "ModelConfig",
+    "MultiHeadAttention",
+    "Norm",
+    "PRESETS",
+    "gpt2_small",
+    "llama_small",
+    "ops",
+    "preset",
+    "tiny",
+    "transformer_base",
+    "transformer_big",
 ]

@@ -61,7 +61,9 @@ class ModelConfig:
         _check(self.num_heads > 0, "num_heads", self.num_heads, "use at least one head")
         if self.head_dim is None:
             _check(
-                self.d_model % self.num_heads == 0, "num_heads", self.num_heads,
+                self.d_model % self.num_heads == 0,
+                "num_heads",
+                self.num_heads,
                 f"pick a divisor of d_model={self.d_model} or set head_dim explicitly",
             )
             set_("head_dim", self.d_model // self.num_heads)
@@ -69,17 +71,26 @@ class ModelConfig:
             set_("num_kv_heads", self.num_heads)
         _check(
             0 < self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
-            "num_kv_heads", self.num_kv_heads,
+            "num_kv_heads",
+            self.num_kv_heads,
             f"pick a divisor of num_heads={self.num_heads} (1 = MQA, num_heads = MHA)",
         )
         activations = sorted(ACTIVATIONS) + sorted(GATED_ACTIVATIONS)
         _check(self.activation in activations, "activation", self.activation, f"use one of {activations}")
         _check(self.norm in NORMS, "norm", self.norm, f"use one of {NORMS}")
         _check(self.position in POSITIONS, "position", self.position, f"use one of {POSITIONS}")
-        _check(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy,
-               f"use one of {REMAT_POLICIES}")
-        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl", self.attention_impl,
-               f"use one of {ATTENTION_IMPLS}")
+        _check(
+            self.remat_policy in REMAT_POLICIES,
+            "remat_policy",
+            self.remat_policy,
+            f"use one of {REMAT_POLICIES}",
+        )
+        _check(
+            self.attention_impl in ATTENTION_IMPLS,
+            "attention_impl",
+            self.attention_impl,
+            f"use one of {ATTENTION_IMPLS}",
+        )
         for name in ("dropout_rate", "attention_dropout_rate"):
             rate = getattr(self, name)
             _check(0.0 <= rate < 1.0, name, rate, "use a rate in [0, 1)")
@@ -90,7 +101,9 @@ class ModelConfig:
         if self.position == "rope":
             _check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "RoPE needs an even head_dim")
         if self.position == "sinusoidal":
-            _check(self.d_model % 2 == 0, "d_model", self.d_model, "sinusoidal positions need an even d_model")
+            _check(
+                self.d_model % 2 == 0, "d_model", self.d_model, "sinusoidal positions need an even d_model"
+            )
         if self.local_window is not None:
             _check(self.local_window > 0, "local_window", self.local_window, "use None or a positive span")
 
@@ -123,9 +136,18 @@ def transformer_big(vocab_size: int = 32_000, **overrides) -> ModelConfig:
 def gpt2_small(vocab_size: int = 50_257, **overrides) -> ModelConfig:
     """GPT-2 124M: 12 pre-LN layers, d=768, h=12, learned positions (1024), tied, gelu_tanh."""
     fields = dict(
-        d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=0, num_decoder_layers=12,
-        activation="gelu_tanh", norm_eps=1e-5, pre_norm=True, position="learned", max_len=1024,
-        scale_embeddings=False, init_std=0.02,
+        d_model=768,
+        num_heads=12,
+        d_ff=3072,
+        num_encoder_layers=0,
+        num_decoder_layers=12,
+        activation="gelu_tanh",
+        norm_eps=1e-5,
+        pre_norm=True,
+        position="learned",
+        max_len=1024,
+        scale_embeddings=False,
+        init_std=0.02,
     )
     return ModelConfig(vocab_size=vocab_size, **{**fields, **overrides})
 
@@ -133,10 +155,23 @@ def gpt2_small(vocab_size: int = 50_257, **overrides) -> ModelConfig:
 def llama_small(vocab_size: int = 32_000, **overrides) -> ModelConfig:
     """LLaMA-style 125M: RMSNorm, SwiGLU, RoPE, GQA (12 query / 4 kv heads), no biases, untied."""
     fields = dict(
-        d_model=768, num_heads=12, num_kv_heads=4, d_ff=2048, num_encoder_layers=0,
-        num_decoder_layers=12, activation="swiglu", norm="rmsnorm", norm_eps=1e-5,
-        pre_norm=True, position="rope", max_len=2048, use_bias=False, tie_embeddings=False,
-        scale_embeddings=False, init_std=0.02, dropout_rate=0.0,
+        d_model=768,
+        num_heads=12,
+        num_kv_heads=4,
+        d_ff=2048,
+        num_encoder_layers=0,
+        num_decoder_layers=12,
+        activation="swiglu",
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        pre_norm=True,
+        position="rope",
+        max_len=2048,
+        use_bias=False,
+        tie_embeddings=False,
+        scale_embeddings=False,
+        init_std=0.02,
+        dropout_rate=0.0,
     )
     return ModelConfig(vocab_size=vocab_size, **{**fields, **overrides})
 
@@ -144,8 +179,14 @@ def llama_small(vocab_size: int = 32_000, **overrides) -> ModelConfig:
 def tiny(vocab_size: int = 67, **overrides) -> ModelConfig:
     """Test-sized: prime-ish dims so a swapped axis cannot pass (d=24, 4 heads of 6, 2 kv heads)."""
     fields = dict(
-        d_model=24, num_heads=4, num_kv_heads=2, d_ff=40, num_encoder_layers=2,
-        num_decoder_layers=2, max_len=32, dropout_rate=0.0,
+        d_model=24,
+        num_heads=4,
+        num_kv_heads=2,
+        d_ff=40,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        max_len=32,
+        dropout_rate=0.0,
     )
     return ModelConfig(vocab_size=vocab_size, **{**fields, **overrides})
 

@@ -80,9 +80,7 @@ class Embed(nn.Module):
         cfg = self.config
         std = cfg.init_std if cfg.init_std is not None else cfg.d_model**-0.5
         init = nn.with_logical_partitioning(nn.initializers.normal(std), self.axes)
-        self.embedding = self.param(
-            "embedding", init, (self.num_embeddings, cfg.d_model), cfg.param_dtype
-        )
+        self.embedding = self.param("embedding", init, (self.num_embeddings, cfg.d_model), cfg.param_dtype)
 
     def __call__(self, ids: Array) -> Array:
         """[B, T] int -> [B, T, d_model] in the compute dtype."""
@@ -152,11 +150,12 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = key(x), value(x)  # [B, T, K, H]
             q_segment_ids = kv_segment_ids = segment_ids
-            if cfg.decode and self.has_variable("cache", "cached_key"):
+            caching = cfg.decode and self.causal  # encoders run whole even when decoding
+            if caching and self.has_variable("cache", "cached_key"):
                 q, k, v, mask, q_pos, kv_pos = self._decode_step(q, k, v, segment_ids)
                 q_segment_ids = kv_segment_ids = None  # folded into the mask with the cache
             else:
-                if cfg.decode:  # creating the cache: shapes only, output is not used
+                if caching:  # creating the cache: shapes only, output is not used
                     self._decode_step(q, k, v, segment_ids)
                 if positions is None:
                     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
@@ -169,7 +168,9 @@ class MultiHeadAttention(nn.Module):
         if cfg.attention_dropout_rate > 0.0 and not cfg.deterministic:
             dropout_rng = self.make_rng("dropout")
         out = ops.dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             mask=mask,
             bias=bias,
             is_causal=self.causal and mask is None,
@@ -238,7 +239,10 @@ class MultiHeadAttention(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (BUCKETS, HEADS))
         table = self.param("relative_bias", init, (cfg.relative_buckets, cfg.num_heads), cfg.param_dtype)
         return ops.relative_position_bias(
-            q_pos, kv_pos, table, bidirectional=not self.causal,
+            q_pos,
+            kv_pos,
+            table,
+            bidirectional=not self.causal,
             max_distance=cfg.relative_max_distance,
         )
 
@@ -261,7 +265,9 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         attn = MultiHeadAttention(cfg, name="self_attention")
-        x = residual(cfg, lambda h: attn(h, segment_ids=segment_ids, positions=positions), x, "attention_norm")
+        x = residual(
+            cfg, lambda h: attn(h, segment_ids=segment_ids, positions=positions), x, "attention_norm"
+        )
         x = residual(cfg, Mlp(cfg, name="mlp"), x, "mlp_norm")
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         return (x, None) if cfg.scan_layers else x
@@ -285,7 +291,9 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         attn = MultiHeadAttention(cfg, causal=True, name="self_attention")
-        x = residual(cfg, lambda h: attn(h, segment_ids=segment_ids, positions=positions), x, "attention_norm")
+        x = residual(
+            cfg, lambda h: attn(h, segment_ids=segment_ids, positions=positions), x, "attention_norm"
+        )
         if self.cross:
             xattn = MultiHeadAttention(cfg, cross=True, name="cross_attention")
             x = residual(

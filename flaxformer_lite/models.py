@@ -14,7 +14,16 @@ from flax import linen as nn
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers import (
-    CLASSES, EMBED, LENGTH, VOCAB, DecoderLayer, Embed, EncoderLayer, Norm, dense, run_layers,
+    CLASSES,
+    EMBED,
+    LENGTH,
+    VOCAB,
+    DecoderLayer,
+    Embed,
+    EncoderLayer,
+    Norm,
+    dense,
+    run_layers,
 )
 
 Array = jax.Array
@@ -83,8 +92,15 @@ class Decoder(nn.Module):
         positions = _default_positions(tokens, positions)
         x = _Positions(cfg, name="positions")(self.embed(tokens), positions)
         x = run_layers(
-            cfg, DecoderLayer, cfg.num_decoder_layers, x, encoded, segment_ids, positions,
-            encoded_segment_ids, cross=self.cross,
+            cfg,
+            DecoderLayer,
+            cfg.num_decoder_layers,
+            x,
+            encoded,
+            segment_ids,
+            positions,
+            encoded_segment_ids,
+            cross=self.cross,
         )
         if cfg.pre_norm:
             x = Norm(cfg, name="final_norm")(x)
@@ -146,8 +162,11 @@ class EncoderDecoder(nn.Module):
         inputs_segment_ids = _source_segments(inputs, inputs_segment_ids)
         encoded = self.encode(inputs, inputs_segment_ids, inputs_positions)
         return self.decode(
-            encoded, decoder_inputs, inputs_segment_ids=inputs_segment_ids,
-            decoder_segment_ids=decoder_segment_ids, decoder_positions=decoder_positions,
+            encoded,
+            decoder_inputs,
+            inputs_segment_ids=inputs_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
+            decoder_positions=decoder_positions,
         )
 
 
@@ -185,7 +204,11 @@ class EncoderOnly(nn.Module):
         embed = _token_embed(cfg)
         x = Encoder(cfg, embed, name="encoder")(tokens, _source_segments(tokens, segment_ids), positions)
         h = Norm(cfg, name="mlm_norm")(jax.nn.gelu(dense(cfg, cfg.d_model, (EMBED, EMBED), "mlm_dense")(x)))
-        mlm_logits = embed.attend(h) if cfg.tie_embeddings else dense(cfg, cfg.vocab_size, (EMBED, VOCAB), "mlm_logits")(h)
+        mlm_logits = (
+            embed.attend(h)
+            if cfg.tie_embeddings
+            else dense(cfg, cfg.vocab_size, (EMBED, VOCAB), "mlm_logits")(h)
+        )
         pooled = jnp.tanh(dense(cfg, cfg.d_model, (EMBED, EMBED), "pooler")(x[:, 0]))
         class_logits = dense(cfg, cfg.num_classes, (EMBED, CLASSES), "classifier")(pooled)
         return mlm_logits, class_logits

@@ -14,7 +14,10 @@ def attention(q, k, v, mask=None, bias=None):
             kv = n // (N // K)  # query head n shares kv head n // group
             logits = q[b, :, n] @ k[b, :, kv].T / np.sqrt(H)
             if bias is not None:
-                logits = logits + np.asarray(bias, np.float64)[min(b, bias.shape[0] - 1), min(n, bias.shape[1] - 1)]
+                logits = (
+                    logits
+                    + np.asarray(bias, np.float64)[min(b, bias.shape[0] - 1), min(n, bias.shape[1] - 1)]
+                )
             if mask is not None:
                 m = np.asarray(mask)[min(b, mask.shape[0] - 1), min(n, mask.shape[1] - 1)]
                 logits = np.where(m, logits, -np.inf)

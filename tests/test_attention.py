@@ -109,8 +109,10 @@ def test_dropout_is_inverted_and_seeded():
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, ops.dot_product_attention(q, k, v))
     # Averaged over many masks, inverted dropout is unbiased: E[out] = attention without dropout.
-    rngs = jax.random.split(jax.random.key(4), 2000)
-    mean = jax.vmap(lambda r: ops.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=r))(rngs).mean(0)
+    rngs = jax.random.split(jax.random.key(4), 1000)
+    mean = jax.vmap(lambda r: ops.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=r))(rngs).mean(
+        0
+    )
     np.testing.assert_allclose(mean, ops.dot_product_attention(q, k, v), atol=0.1)
 
 
@@ -122,4 +124,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="implementation"):
         ops.dot_product_attention(q, k, v, implementation="flash")
     with pytest.raises(ValueError, match="attention dropout needs"):
-        ops.dot_product_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0), implementation="xla")
+        ops.dot_product_attention(
+            q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0), implementation="xla"
+        )

@@ -17,7 +17,7 @@ IMPLEMENTATIONS = (None, "xla", "cudnn", "reference")
 
 def causal_mask(q_positions: Array, kv_positions: Array) -> Array:
     """[B, T], [B, S] positions -> [B, 1, T, S]: a query sees keys at its position or earlier."""
-    return (kv_positions[:, None, None, :] <= q_positions[:, None, :, None])
+    return kv_positions[:, None, None, :] <= q_positions[:, None, :, None]
 
 
 def padding_mask(q_valid: Array, kv_valid: Array) -> Array:
@@ -88,7 +88,7 @@ def reference_attention(
     The only path that applies dropout to the attention probabilities.
     """
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     G = N // K
     qg = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -159,9 +159,7 @@ def dot_product_attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; use one of {IMPLEMENTATIONS}.")
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
-        raise ValueError(
-            f"expected q [B,T,N,H] and k, v [B,S,K,H]; got q{q.shape} k{k.shape} v{v.shape}."
-        )
+        raise ValueError(f"expected q [B,T,N,H] and k, v [B,S,K,H]; got q{q.shape} k{k.shape} v{v.shape}.")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
         raise ValueError(
             f"q{q.shape} and k{k.shape} disagree: batch and head dim must match and the "
@@ -182,11 +180,14 @@ def dot_product_attention(
             return reference_attention(
                 q, k, v, mask=full, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng
             )
-        return jax.nn.dot_product_attention(
-            q, k, v, bias=bias, mask=full, implementation=implementation
-        )
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=full, implementation=implementation)
     window = None if local_window is None else (local_window - 1, local_window - 1)
     return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, is_causal=is_causal, local_window_size=window,
+        q,
+        k,
+        v,
+        bias=bias,
+        is_causal=is_causal,
+        local_window_size=window,
         implementation=implementation,
     )

@@ -8,14 +8,19 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def _row(v: Array, ndim: int) -> Array:
+    """[D] -> [1, ..., 1, D] float32, so broadcasting against [..., D] is explicit."""
+    return v.astype(jnp.float32).reshape((1,) * (ndim - 1) + (-1,))
+
+
 def layer_norm(x: Array, scale: Array, bias: Array | None = None, eps: float = 1e-6) -> Array:
     """(x - mean) / sqrt(var + eps) * scale + bias over the last axis: [..., D], [D], [D] -> [..., D]."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * _row(scale, x.ndim)
     if bias is not None:
-        y = y + bias.astype(jnp.float32)
+        y = y + _row(bias, x.ndim)
     return y.astype(x.dtype)
 
 
@@ -23,4 +28,4 @@ def rms_norm(x: Array, scale: Array, eps: float = 1e-6) -> Array:
     """x / sqrt(mean(x^2) + eps) * scale over the last axis: [..., D], [D] -> [..., D]."""
     x32 = x.astype(jnp.float32)
     ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return (x32 * jax.lax.rsqrt(ms + eps) * scale.astype(jnp.float32)).astype(x.dtype)
+    return (x32 * jax.lax.rsqrt(ms + eps) * _row(scale, x.ndim)).astype(x.dtype)

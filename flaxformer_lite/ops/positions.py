@@ -20,7 +20,7 @@ def sinusoidal_embedding(positions: Array, dim: int, max_timescale: float = 10_0
     if dim % 2:
         raise ValueError(f"sinusoidal positions need an even dim, got {dim}.")
     inv_freq = max_timescale ** (-np.arange(0, dim, 2, dtype=np.float32) / dim)  # [dim/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
     # Interleave: [..., dim/2, 2] -> [..., dim] with sin at even and cos at odd indices.
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], dim)
 
@@ -40,7 +40,7 @@ def apply_rope(x: Array, positions: Array, theta: float = 10_000.0) -> Array:
     if H % 2:
         raise ValueError(f"RoPE needs an even head dim, got {H}.")
     inv_freq = theta ** (-np.arange(0, H, 2, dtype=np.float32) / H)  # [H/2]
-    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, H/2]
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq[None, None, None, :]  # [B,T,1,H/2]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # each [B, T, N, H/2]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -69,9 +69,7 @@ def relative_position_bucket(
         n = jnp.maximum(n, 0)
     max_exact = num_buckets // 2
     is_small = n < max_exact
-    scaled = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / math.log(
-        max_distance / max_exact
-    )
+    scaled = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
     large = max_exact + (scaled * (num_buckets - max_exact)).astype(relative_position.dtype)
     large = jnp.minimum(large, num_buckets - 1)
     return ret + jnp.where(is_small, n, large)
@@ -88,7 +86,9 @@ def relative_position_bias(
     """[B,T], [B,S] positions and a [num_buckets, N] table -> [B, N, T, S] attention bias."""
     relative = kv_positions[:, None, :] - q_positions[:, :, None]  # [B, T, S]
     buckets = relative_position_bucket(
-        relative, bidirectional=bidirectional, num_buckets=table.shape[0],
+        relative,
+        bidirectional=bidirectional,
+        num_buckets=table.shape[0],
         max_distance=max_distance,
     )
     return jnp.moveaxis(table[buckets], -1, 1)  # [B, T, S, N] -> [B, N, T, S]
@@ -100,6 +100,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     For a head count that is not a power of two, the paper's recipe interleaves the slopes of
     the next power of two.
     """
+
     def power_of_two(n):
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
