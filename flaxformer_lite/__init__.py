@@ -1,4 +1,10 @@
-"""flaxformer_lite: Transformer ops, Flax Linen layers and models for translation and LMs."""
+"""flaxformer_lite: Transformer ops, Flax Linen layers and models for translation and LMs.
+
+`flaxformer_lite.ops` and `flaxformer_lite.config` need only JAX; the Linen layers and models
+load (with Flax) the first time one of their names is used.
+"""
+
+import importlib
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import (
@@ -11,33 +17,33 @@ from flaxformer_lite.config import (
     transformer_base,
     transformer_big,
 )
-from flaxformer_lite.layers import (
-    AXES,
-    DecoderLayer,
-    Embed,
-    EncoderLayer,
-    Mlp,
-    MultiHeadAttention,
-    Norm,
-)
-from flaxformer_lite.models import Decoder, DecoderOnly, Encoder, EncoderDecoder, EncoderOnly
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "AXES": "layers",
+    "DecoderLayer": "layers",
+    "Embed": "layers",
+    "EncoderLayer": "layers",
+    "Mlp": "layers",
+    "MultiHeadAttention": "layers",
+    "Norm": "layers",
+    "Decoder": "models",
+    "DecoderOnly": "models",
+    "Encoder": "models",
+    "EncoderDecoder": "models",
+    "EncoderOnly": "models",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"flaxformer_lite.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'flaxformer_lite' has no attribute {name!r}")
+
+
 __all__ = [
-    "AXES",
-    "Decoder",
-    "DecoderLayer",
-    "DecoderOnly",
-    "Embed",
-    "Encoder",
-    "EncoderDecoder",
-    "EncoderLayer",
-    "EncoderOnly",
-    "Mlp",
     "ModelConfig",
-    "MultiHeadAttention",
-    "Norm",
     "PRESETS",
     "gpt2_small",
     "llama_small",
@@ -46,4 +52,5 @@ __all__ = [
     "tiny",
     "transformer_base",
     "transformer_big",
+    *_LAZY,
 ]
