@@ -1,0 +1,189 @@
+"""From a TFDS data source to per-host batches with grain: tokenize, trim, pack or pad, batch.
+
+Batches are dicts of int32 numpy arrays [batch, max_length]: `inputs`/`targets` (translation) or
+`targets` (language modelling), each with `*_segment_ids` (0 = padding) and `*_positions`, the
+format the models consume. The iterator's position is `iterator.get_state()` (a small dict saved
+in checkpoints); `set_state` on a fresh iterator resumes with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from flaxformer_lite import datasets as _builders  # noqa: F401  (registers our TFDS builders)
+from flaxformer_lite.tokenizer import EOS_ID
+
+OUR_BUILDERS = ("bible_translate", "bible_lm", "tsv_translate", "text_lm")
+
+
+def open_source(name: str, split: str, data_dir: str, *, manual_dir: str | None = None, **builder_kwargs):
+    """Random-access TFDS source for `name` ("dataset/config") and `split`, built if it is ours.
+
+    Our builders are prepared into `data_dir` on first use (array_record, no TensorFlow). Any other
+    TFDS dataset must already be prepared there; otherwise the error says how.
+    """
+    builder = _builder(name, data_dir, **builder_kwargs)
+    if not builder.is_prepared():
+        if name.split("/")[0] not in OUR_BUILDERS:
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not prepared in {data_dir!r}. Prepare it once with "
+                f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` (machines "
+                "without internet need its files placed by hand; see the TFDS docs for the dataset)."
+            )
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+        logging.info("preparing %s in %s", name, data_dir)
+        builder.download_and_prepare(file_format="array_record", download_config=config)
+    if split not in builder.info.splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+    if builder.info.splits[split].num_examples == 0:
+        raise ValueError(f"split {split!r} of {name!r} is empty; pick another split.")
+    return builder.as_data_source(split=split)
+
+
+def supervised_keys(name: str, data_dir: str, reverse: bool = False, **builder_kwargs) -> tuple[str, str]:
+    """(source feature, target feature) of a translation dataset, swapped if `reverse`."""
+    keys = _builder(name, data_dir, **builder_kwargs).info.supervised_keys
+    if not keys or len(keys) != 2:
+        raise ValueError(
+            f"dataset {name!r} declares no (source, target) supervised keys; it is not a translation set."
+        )
+    return (keys[1], keys[0]) if reverse else tuple(keys)
+
+
+def _builder(name: str, data_dir: str, **builder_kwargs):
+    try:
+        return tfds.builder(name, data_dir=data_dir, file_format="array_record", **builder_kwargs)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        # Without TensorFlow, TFDS reads catalog datasets from their prepared files only.
+        raise FileNotFoundError(
+            f"dataset {name!r} is not one of ours {OUR_BUILDERS} and is not prepared in {data_dir!r}. "
+            f"For a TFDS catalog dataset run `tfds build {name} --data_dir={data_dir} "
+            "--file_format=array_record` once (on a machine with its sources), then pass that data_dir; "
+            "otherwise check the name."
+        ) from e
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass
+class TokenizeStats:
+    """What tokenization did to the data (this process, since the iterator was made)."""
+
+    examples: int = 0
+    trimmed: int = 0
+    empty: int = 0
+    byte_fallback_tokens: int = 0
+
+    def report(self) -> str:
+        return (
+            f"{self.examples} examples, {self.trimmed} trimmed to max_length, "
+            f"{self.empty} empty skipped, {self.byte_fallback_tokens} byte-fallback tokens"
+        )
+
+
+class Tokenize:
+    """Text features -> int32 ids ending in EOS, trimmed to `max_length` (EOS kept, counted)."""
+
+    def __init__(self, sp, keys: dict[str, str], max_length: int, stats: TokenizeStats | None = None):
+        self.sp, self.keys, self.max_length = sp, keys, max_length  # keys: output name -> feature
+        self.stats = stats if stats is not None else TokenizeStats()
+        self._byte_ids = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
+
+    def __call__(self, example: dict) -> dict:
+        self.stats.examples += 1
+        out = {}
+        for name, feature in self.keys.items():
+            ids = self.sp.encode(_text(example[feature]))
+            self.stats.byte_fallback_tokens += int(self._byte_ids[ids].sum()) if ids else 0
+            if len(ids) >= self.max_length:
+                self.stats.trimmed += 1
+                ids = ids[: self.max_length - 1]
+            out[name] = np.asarray(ids + [EOS_ID], np.int32)
+        return out
+
+    def keep(self, example: dict) -> bool:
+        """False for an example whose text was empty (only EOS): skipped and counted."""
+        empty = any(len(v) <= 1 for v in example.values())
+        self.stats.empty += int(empty)
+        return not empty
+
+
+def _pad(example: dict, max_length: int) -> dict:
+    """One unpacked example -> fixed length with segment id 1 on real tokens and positions."""
+    out = {}
+    for name, ids in example.items():
+        n = len(ids)
+        out[name] = np.pad(ids, (0, max_length - n))
+        out[f"{name}_segment_ids"] = (np.arange(max_length) < n).astype(np.int32)
+        out[f"{name}_positions"] = np.where(np.arange(max_length) < n, np.arange(max_length), 0).astype(
+            np.int32
+        )
+    return out
+
+
+def make_dataset(
+    source,
+    tokenize: Tokenize,
+    *,
+    batch_size: int,
+    max_length: int,
+    pack: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """Per-host batches of `batch_size` rows; this host reads only records shard_index::shard_count.
+
+    Shuffling is a seeded permutation, reshuffled each epoch; the order depends only on the seed
+    and the shard. `num_epochs=None` repeats forever (training).
+    """
+    if len(source) < shard_count:
+        raise ValueError(f"the split has {len(source)} examples, fewer than the {shard_count} data shards.")
+    ds = grain.MapDataset.source(source).slice(slice(shard_index, None, shard_count))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).map(tokenize).filter(tokenize.keep)
+    it = ds.to_iter_dataset()
+    if pack:
+        it = grain.experimental.FirstFitPackIterDataset(
+            it,
+            length_struct={name: max_length for name in tokenize.keys},
+            num_packing_bins=batch_size,
+            shuffle_bins=False,
+        )
+    else:
+        it = it.map(lambda ex: _pad(ex, max_length))
+    return it.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def training_texts(source, features: list[str], max_examples: int = 2_000_000):
+    """Texts of the given features for tokenizer training (pass the *train* split only)."""
+    for i in range(min(len(source), max_examples)):
+        example = source[i]
+        for feature in features:
+            yield _text(example[feature])
+
+
+def default_data_dir(workdir: str) -> str:
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(workdir, "tfds")
+
+
+def token_counts(source, tokenize: Tokenize) -> dict[str, int]:
+    """Total tokens (EOS included) per output feature of a whole split, for reports."""
+    totals = collections.Counter()
+    for i in range(len(source)):
+        for name, ids in tokenize(source[i]).items():
+            totals[name] += len(ids)
+    return dict(totals)

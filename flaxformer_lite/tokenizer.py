@@ -1,0 +1,82 @@
+"""SentencePiece: train a joint vocabulary on training text once, save it, reuse it.
+
+Ids follow the Flax examples: 0 = padding, 1 = end of sentence, 2 = unknown, no BOS. With
+byte fallback (default) characters never seen in training become byte pieces, never unknown.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+
+import sentencepiece as spm
+from absl import logging
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_path: str,
+    *,
+    vocab_size: int,
+    character_coverage: float = 1.0,
+    model_type: str = "unigram",
+    byte_fallback: bool = True,
+    max_sentences: int = 1_000_000,
+    max_sentence_length: int = 4096,
+) -> spm.SentencePieceProcessor:
+    """Train on `texts` (training split only!) and write `model_path` atomically."""
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=max_sentence_length,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"SentencePiece training failed ({e}); with a small corpus, lower vocab_size "
+            f"(now {vocab_size}) or turn byte_fallback off (it needs vocab_size > 259)."
+        ) from e
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    tmp = model_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, model_path)  # never leave a half-written model behind
+    logging.info("trained SentencePiece model %s (vocab %d)", model_path, vocab_size)
+    return load_sentencepiece(model_path)
+
+
+def load_sentencepiece(model_path: str) -> spm.SentencePieceProcessor:
+    """Load a model written by `train_sentencepiece` (or any with pad 0, eos 1)."""
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist.")
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    if sp.pad_id() != PAD_ID or sp.eos_id() != EOS_ID:
+        raise ValueError(
+            f"{model_path!r} uses pad id {sp.pad_id()} and eos id {sp.eos_id()}; flaxformer_lite "
+            f"needs pad={PAD_ID}, eos={EOS_ID}: delete it to retrain, or point to a compatible model."
+        )
+    return sp
+
+
+def load_or_train(texts_fn, model_path: str, **train_kwargs) -> spm.SentencePieceProcessor:
+    """Reuse `model_path` when present; otherwise train on `texts_fn()` and save it there."""
+    if os.path.isfile(model_path):
+        logging.info("reusing SentencePiece model %s", model_path)
+        return load_sentencepiece(model_path)
+    return train_sentencepiece(texts_fn(), model_path, **train_kwargs)
