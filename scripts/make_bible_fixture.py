@@ -19,8 +19,8 @@ def main():
     codes = [c for lang in ("en", "de", "fr") for c in VERSIONS[lang]]
     src = sqlite3.connect(default_db_path())
     rows = src.execute(
-        f"SELECT bbName, bNumber, cNumber, vNumber, vText FROM bible WHERE bbName IN ({','.join('?' * len(codes))})"
-        f" AND bNumber IN ({','.join('?' * len(BOOKS))}) ORDER BY bbName, bNumber, cNumber, vNumber",
+        "SELECT bbName, bNumber, cNumber, vNumber, vText FROM bible"
+        f" WHERE bbName IN ({','.join('?' * len(codes))}) AND bNumber IN ({','.join('?' * len(BOOKS))}) ORDER BY bbName, bNumber, cNumber, vNumber",
         codes + list(BOOKS),
     ).fetchall()
     if os.path.exists(OUT):

@@ -114,7 +114,9 @@ def _sequences(batches, name):
     """Recover every packed sequence (as a tuple of ids) from batches, checking ids and positions."""
     seqs = []
     for batch in batches:
-        for row, seg, pos in zip(batch[name], batch[f"{name}_segment_ids"], batch[f"{name}_positions"]):
+        for row, seg, pos in zip(
+            batch[name], batch[f"{name}_segment_ids"], batch[f"{name}_positions"], strict=True
+        ):
             ids = [s for s in np.unique(seg) if s]
             assert ids == list(range(1, len(ids) + 1))  # segments numbered 1..k
             assert np.all(row[seg == 0] == 0)
@@ -165,9 +167,9 @@ def test_order_is_determined_by_the_seed(en_de, sp):
     a = _first_batches(en_de["validation"], sp, 5, seed=1)
     b = _first_batches(en_de["validation"], sp, 5, seed=1)
     c = _first_batches(en_de["validation"], sp, 5, seed=2)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
-    assert any(not np.array_equal(x["inputs"], z["inputs"]) for x, z in zip(a, c))
+    assert any(not np.array_equal(x["inputs"], z["inputs"]) for x, z in zip(a, c, strict=True))
 
 
 def test_resume_mid_epoch_gives_the_identical_next_batches(en_de, sp):
