@@ -18,9 +18,12 @@ OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "bible_
 def main():
     codes = [c for lang in ("en", "de", "fr") for c in VERSIONS[lang]]
     src = sqlite3.connect(default_db_path())
+    books = ",".join("?" * len(BOOKS))
+    versions = ",".join("?" * len(codes))
     rows = src.execute(
         "SELECT bbName, bNumber, cNumber, vNumber, vText FROM bible"
-        f" WHERE bbName IN ({','.join('?' * len(codes))}) AND bNumber IN ({','.join('?' * len(BOOKS))}) ORDER BY bbName, bNumber, cNumber, vNumber",
+        f" WHERE bbName IN ({versions}) AND bNumber IN ({books})"
+        " ORDER BY bbName, bNumber, cNumber, vNumber",
         codes + list(BOOKS),
     ).fetchall()
     if os.path.exists(OUT):
