@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from flaxformer_lite import datasets as _builders  # noqa: F401  (registers our TFDS builders)
-from flaxformer_lite.tokenizer import EOS_ID
+from flaxformer_lite.tokenizer import EOS_ID, load_or_train
 
 OUR_BUILDERS = ("bible_translate", "bible_lm", "tsv_translate", "text_lm")
 
@@ -187,3 +187,23 @@ def token_counts(source, tokenize: Tokenize) -> dict[str, int]:
         for name, ids in tokenize(source[i]).items():
             totals[name] += len(ids)
     return dict(totals)
+
+
+def get_tokenizer(
+    name: str,
+    data_dir: str,
+    model_path: str,
+    features: list[str],
+    *,
+    vocab_size: int,
+    character_coverage: float = 1.0,
+    max_examples: int = 2_000_000,
+    **builder_kwargs,
+):
+    """The SentencePiece model at `model_path`, trained first (on the *train* split only) if absent."""
+
+    def texts():
+        train = open_source(name, "train", data_dir, **builder_kwargs)
+        return training_texts(train, features, max_examples)
+
+    return load_or_train(texts, model_path, vocab_size=vocab_size, character_coverage=character_coverage)

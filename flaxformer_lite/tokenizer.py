@@ -49,8 +49,9 @@ def train_sentencepiece(
         )
     except RuntimeError as e:
         raise ValueError(
-            f"SentencePiece training failed ({e}); with a small corpus, lower vocab_size "
-            f"(now {vocab_size}) or turn byte_fallback off (it needs vocab_size > 259)."
+            f"SentencePiece training failed ({e}). Adjust vocab_size (now {vocab_size}): a small "
+            "corpus needs a smaller one, many distinct characters a larger one (or a lower "
+            "character_coverage); byte_fallback needs vocab_size > 259."
         ) from e
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     tmp = model_path + ".tmp"

@@ -95,6 +95,22 @@ def test_tokenizer_round_trip_and_byte_fallback(sp, en_de):
     assert sp.pad_id() == 0 and sp.eos_id() == EOS_ID
 
 
+def test_tokenizer_trains_on_the_train_split_only(data_dir, tmp_path, monkeypatch):
+    opened = []
+    real_open = ip.open_source
+
+    def spy(name, split, *args, **kwargs):
+        opened.append(split)
+        return real_open(name, split, *args, **kwargs)
+
+    monkeypatch.setattr(ip, "open_source", spy)
+    sp = ip.get_tokenizer(
+        "bible_lm", data_dir, str(tmp_path / "lm.model"), ["text"], vocab_size=400, db_path=FIXTURE
+    )
+    assert opened == ["train"] and os.path.isfile(tmp_path / "lm.model")
+    assert sp.decode(sp.encode("Ruth said")) == "Ruth said"
+
+
 def test_tokenizer_is_reused_not_retrained(sp, tmp_path):
     path = tmp_path / "spm.model"
     path.write_bytes(sp.serialized_model_proto())
@@ -148,6 +164,16 @@ def test_packing_loses_and_duplicates_nothing(en_de, sp, pack):
         assert sorted(_sequences(batches, name)) == sorted(tuple(ex[name]) for ex in examples)
     if pack:  # packing fills rows: fewer rows than examples
         assert sum(len(b["inputs"]) for b in batches) < len(examples)
+
+
+def test_tokenizer_training_failure_says_what_to_change(tmp_path):
+    with pytest.raises(ValueError, match=r"Adjust vocab_size \(now 270\)"):
+        load_or_train(
+            lambda: iter(["a tiny corpus with few distinct characters", "αβγδεζηθικλμνξοπρστυφχψω"]),
+            str(tmp_path / "x.model"),
+            vocab_size=270,
+        )
+    assert not os.path.exists(tmp_path / "x.model")
 
 
 def test_trimming_keeps_eos_and_counts(en_de, sp):

@@ -1,0 +1,34 @@
+"""Print examples and SentencePiece tokens per split of the bundled corpora (for the results notes).
+
+python scripts/corpus_stats.py --data_dir=/tmp/tfds --workdir=/tmp/spm [--vocab_size=16000]
+"""
+
+import argparse
+import json
+import os
+
+from flaxformer_lite import input_pipeline as ip
+
+SETS = {"bible_translate/en-de": ["en", "de"], "bible_translate/en-fr": ["en", "fr"], "bible_lm": ["text"]}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--vocab_size", type=int, default=16000)
+    args = parser.parse_args()
+    report = {}
+    for name, features in SETS.items():
+        model = os.path.join(args.workdir, name.replace("/", "_") + ".model")
+        sp = ip.get_tokenizer(name, args.data_dir, model, features, vocab_size=args.vocab_size)
+        tok = ip.Tokenize(sp, {f: f for f in features}, max_length=10**6)
+        for split in ("train", "validation", "test"):
+            src = ip.open_source(name, split, args.data_dir)
+            report[f"{name}:{split}"] = {"examples": len(src), "tokens": ip.token_counts(src, tok)}
+            print(json.dumps({f"{name}:{split}": report[f"{name}:{split}"]}), flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
