@@ -28,25 +28,45 @@ REMAT_POLICIES = {
 }
 
 
-def _kernel_init(cfg: ModelConfig):
-    if cfg.init_std is None:
-        return nn.initializers.xavier_uniform()
-    return nn.initializers.normal(cfg.init_std)
+class Dense(nn.Module):
+    """y = x W (+ b), contracting the last `in_axes` axes of x; logical axes on W (inputs first) and b.
+
+    The kernel is created in its final shape, so Xavier fan-in/fan-out count the right axes.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    config: ModelConfig
+    in_axes: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        kernel_shape = x.shape[x.ndim - self.in_axes :] + self.features
+        contract = tuple(range(self.in_axes))
+        if cfg.init_std is None:
+            out_axis = tuple(range(self.in_axes, len(kernel_shape)))
+            init = nn.initializers.variance_scaling(
+                1.0, "fan_avg", "uniform", in_axis=contract, out_axis=out_axis
+            )
+        else:
+            init = nn.initializers.normal(cfg.init_std)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, self.axes), kernel_shape, cfg.param_dtype
+        )
+        x_axes = tuple(range(x.ndim - self.in_axes, x.ndim))
+        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), ((x_axes, contract), ((), ())))
+        if cfg.use_bias:
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_axes :])
+            bias = self.param("bias", zeros, self.features, cfg.param_dtype)
+            y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - len(self.features)) + self.features)
+        return y
 
 
-def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, in_axes: int = 1):
-    """A DenseGeneral with logical axes (input axes first) on kernel and bias."""
+def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, in_axes: int = 1) -> Dense:
+    """A `Dense` to `features` (an int or a tuple) with logical `axes` (input axes first)."""
     features = features if isinstance(features, tuple) else (features,)
-    return nn.DenseGeneral(
-        features,
-        axis=tuple(range(-in_axes, 0)),
-        use_bias=cfg.use_bias,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.with_logical_partitioning(_kernel_init(cfg), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[in_axes:]),
-        name=name,
-    )
+    return Dense(features, axes, cfg, in_axes, name=name)
 
 
 class Norm(nn.Module):

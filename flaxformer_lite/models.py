@@ -17,6 +17,7 @@ from flaxformer_lite.layers import (
     CLASSES,
     EMBED,
     LENGTH,
+    MLP,
     VOCAB,
     DecoderLayer,
     Embed,
@@ -203,12 +204,12 @@ class EncoderOnly(nn.Module):
         cfg = self.config
         embed = _token_embed(cfg)
         x = Encoder(cfg, embed, name="encoder")(tokens, _source_segments(tokens, segment_ids), positions)
-        h = Norm(cfg, name="mlm_norm")(jax.nn.gelu(dense(cfg, cfg.d_model, (EMBED, EMBED), "mlm_dense")(x)))
+        h = Norm(cfg, name="mlm_norm")(jax.nn.gelu(dense(cfg, cfg.d_model, (EMBED, MLP), "mlm_dense")(x)))
         mlm_logits = (
             embed.attend(h)
             if cfg.tie_embeddings
             else dense(cfg, cfg.vocab_size, (EMBED, VOCAB), "mlm_logits")(h)
         )
-        pooled = jnp.tanh(dense(cfg, cfg.d_model, (EMBED, EMBED), "pooler")(x[:, 0]))
-        class_logits = dense(cfg, cfg.num_classes, (EMBED, CLASSES), "classifier")(pooled)
+        pooled = jnp.tanh(dense(cfg, cfg.d_model, (EMBED, MLP), "pooler")(x[:, 0]))
+        class_logits = dense(cfg, cfg.num_classes, (MLP, CLASSES), "classifier")(pooled)
         return mlm_logits, class_logits

@@ -1,6 +1,7 @@
 """SentencePiece: train a joint vocabulary on training text once, save it, reuse it.
 
-Ids follow the Flax examples: 0 = padding, 1 = end of sentence, 2 = unknown, no BOS. With
+Ids follow the Flax examples: 0 = padding, 1 = end of sentence, 2 = unknown, no BOS; 3 is
+"<mask>" for masked language modelling. With
 byte fallback (default) characters never seen in training become byte pieces, never unknown.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 import sentencepiece as spm
 from absl import logging
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+PAD_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3
 
 
 def train_sentencepiece(
@@ -41,6 +42,7 @@ def train_sentencepiece(
             eos_id=EOS_ID,
             unk_id=UNK_ID,
             bos_id=-1,
+            user_defined_symbols=["<mask>"],
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             max_sentence_length=max_sentence_length,

@@ -1,0 +1,83 @@
+"""Device mesh from config sizes and the logical-axis rule table that maps our axis names onto it.
+
+Data parallel, FSDP and tensor parallel are only mesh sizes: data=-1 (all devices) is pure data
+parallelism; fsdp=N shards params and optimizer state over N devices along "embed"; tensor=N
+splits heads, mlp and vocab. The batch is split over data x fsdp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or None = replicated). A mesh axis already used by an earlier
+# dimension of the same array is skipped, so activations [batch, length, embed] keep embed whole.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("classes", None),
+    ("relpos_buckets", None),
+)
+
+
+def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -> tuple[int, int, int]:
+    """Resolve one -1 ("fill") and check that the sizes multiply to the device count."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: at most one may be -1.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or num_devices % known:
+            raise ValueError(
+                f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} cannot fill {num_devices} devices; "
+                "pick sizes whose product divides the device count."
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+            f"but {num_devices} are available; set one size to -1 to fill."
+        )
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all, across hosts)."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(len(devices), data, fsdp, tensor)
+    if devices is jax.devices() or len(devices) == jax.device_count():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a tree of `nn.Partitioned` leaves (as from `jax.eval_shape(init)`).
+
+    The result has the *unboxed* structure, matching `nn.unbox(tree)`.
+    """
+    specs = nn.get_partition_spec(abstract_boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split along their first axis over data x fsdp and replicated over tensor."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+    """Assemble each host's slice of the batch into global arrays (one host: a sharded put)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

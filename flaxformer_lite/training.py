@@ -1,0 +1,237 @@
+"""Train state, optimizer and schedules, and pure train/eval steps (the caller jits them).
+
+Losses are token-weighted: every step sums per-token losses and weights over the whole global
+batch (all micro-batches, all devices) and divides once, so k accumulated micro-batches give
+exactly the gradient of one batch k times larger.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from flaxformer_lite import ops
+from flaxformer_lite.sharding import DEFAULT_RULES, logical_shardings
+from flaxformer_lite.tokenizer import MASK_ID
+
+TASKS = ("translation", "lm", "mlm")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------ schedules
+
+
+def noam_schedule(d_model: int, warmup_steps: int, scale: float = 1.0) -> optax.Schedule:
+    """lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step counted from 1."""
+
+    def schedule(count):
+        step = jnp.maximum(count + 1, 1).astype(jnp.float32)
+        return scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+
+    return schedule
+
+
+def warmup_cosine_schedule(peak: float, warmup_steps: int, total_steps: int, end_fraction: float = 0.1):
+    """Linear warmup from 0 to `peak`, then cosine decay to `end_fraction * peak` at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=peak * end_fraction
+    )
+
+
+def make_schedule(name: str, *, d_model: int, learning_rate: float, warmup_steps: int, total_steps: int):
+    """ "noam" (learning_rate scales the formula), "cosine" (learning_rate is the peak) or "constant"."""
+    if name == "noam":
+        return noam_schedule(d_model, warmup_steps, learning_rate)
+    if name == "cosine":
+        return warmup_cosine_schedule(learning_rate, warmup_steps, total_steps)
+    if name == "constant":
+        return optax.constant_schedule(learning_rate)
+    raise ValueError(f"schedule {name!r} is unknown; use 'noam', 'cosine' or 'constant'.")
+
+
+def make_optimizer(
+    schedule: optax.Schedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-9,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """Adam (weight_decay 0) or AdamW with decay on matrices only (not norms, biases)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    opt = (
+        optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
+        if weight_decay
+        else optax.adam(schedule, b1, b2, eps)
+    )
+    return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm else opt
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def example_batch(task: str, batch_size: int, length: int) -> dict:
+    """Zero batch with the keys and shapes a task's steps take (for init and shape checks)."""
+    names = ("inputs", "targets") if task == "translation" else ("targets",)
+    z = jnp.zeros((batch_size, length), jnp.int32)
+    return {f"{n}{s}": z for n in names for s in ("", "_segment_ids", "_positions")}
+
+
+def _model_args(task: str, batch: dict, decoder_inputs=None):
+    """Positional and keyword model arguments for a batch."""
+    if task == "translation":
+        return (batch["inputs"], decoder_inputs), dict(
+            inputs_segment_ids=batch["inputs_segment_ids"],
+            inputs_positions=batch["inputs_positions"],
+            decoder_segment_ids=batch["targets_segment_ids"],
+            decoder_positions=batch["targets_positions"],
+        )
+    return (decoder_inputs,), dict(
+        segment_ids=batch["targets_segment_ids"], positions=batch["targets_positions"]
+    )
+
+
+def create_train_state(
+    model: nn.Module, tx, rng, task: str, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES
+):
+    """Initialise params and optimizer state directly sharded on `mesh`. Returns (state, shardings)."""
+    batch = example_batch(task, *batch_shape)
+
+    def init(rng):
+        args, kwargs = _model_args(task, batch, batch["targets"])
+        params = model.init(rng, *args, **kwargs)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init, rng)
+        shardings = logical_shardings(abstract, mesh, rules)
+        state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def _forward(model, task, params, batch, rng, decoder_inputs=None):
+    """(logits, targets, weights) for a batch; dropout from `rng`."""
+    rngs = {"dropout": rng}
+    targets = batch["targets"]
+    weights = (batch["targets_segment_ids"] > 0).astype(jnp.float32)
+    if task == "mlm":
+        mask_rng, rng = jax.random.split(rng)
+        masked = jax.random.bernoulli(mask_rng, 0.15, targets.shape) & (weights > 0)
+        inputs = jnp.where(masked, MASK_ID, targets)
+        logits, _ = model.apply(
+            {"params": params},
+            inputs,
+            segment_ids=batch["targets_segment_ids"],
+            positions=batch["targets_positions"],
+            rngs={"dropout": rng},
+        )
+        return logits, targets, masked.astype(jnp.float32)
+    if decoder_inputs is None:
+        decoder_inputs = ops.shift_right(targets, batch["targets_segment_ids"])
+    args, kwargs = _model_args(task, batch, decoder_inputs)
+    return model.apply({"params": params}, *args, rngs=rngs, **kwargs), targets, weights
+
+
+def _scheduled_sampling_inputs(model, params, batch, rng, prob):
+    """Decoder inputs where each gold token is replaced by the model's own argmax with `prob`."""
+    gold = batch["targets"]
+    logits, _, weights = _forward(model, "translation", params, batch, rng)
+    preds = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1)).astype(gold.dtype)
+    coin = jax.random.bernoulli(jax.random.fold_in(rng, 1), prob, gold.shape) & (weights > 0)
+    return ops.shift_right(jnp.where(coin, preds, gold), batch["targets_segment_ids"])
+
+
+def loss_sums(params, batch, rng, *, model, task, label_smoothing=0.0, sampling_prob=None):
+    """(smoothed loss sum, (weight sum, NLL sum, correct count)) over a batch."""
+    decoder_inputs = None
+    if sampling_prob is not None:
+        decoder_inputs = _scheduled_sampling_inputs(model, params, batch, rng, sampling_prob)
+    logits, targets, weights = _forward(model, task, params, batch, rng, decoder_inputs)
+    loss, denom = ops.cross_entropy(logits, targets, weights, label_smoothing)
+    nll, _ = ops.cross_entropy(logits, targets, weights) if label_smoothing else (loss, denom)
+    correct, _ = ops.accuracy(logits, targets, weights)
+    return loss, (denom, nll, correct)
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    rng: jax.Array,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    task: str,
+    label_smoothing: float = 0.0,
+    grad_accum_steps: int = 1,
+    sampling_schedule: Callable | None = None,
+) -> tuple[TrainState, dict]:
+    """One optimizer update from `batch` (split into `grad_accum_steps` micro-batches)."""
+    step_rng = jax.random.fold_in(rng, state.step)
+    prob = None if sampling_schedule is None else sampling_schedule(state.step)
+    grad_fn = jax.value_and_grad(
+        functools.partial(
+            loss_sums, model=model, task=task, label_smoothing=label_smoothing, sampling_prob=prob
+        ),
+        has_aux=True,
+    )
+
+    def micro(carry, xs):
+        mb, i = xs
+        (loss, aux), grads = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+        return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
+
+    # [B, ...] -> [k, B/k, ...]; a scan sums micro-batch gradients before the single division.
+    k = grad_accum_steps
+    micro_batches = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+    zeros = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), (jnp.zeros(()),) * 3
+    (grads, loss, (denom, nll, correct)), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(k)))
+    denom = jnp.maximum(denom, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+    metrics = {
+        "loss": loss / denom,
+        "nll": nll / denom,
+        "accuracy": correct / denom,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+        "tokens": denom,
+    }
+    if prob is not None:
+        metrics["sampling_prob"] = prob
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model: nn.Module, task: str) -> dict:
+    """Sums (not means) of NLL, weights and correct tokens, to be added over batches."""
+    deterministic = model.clone(config=model.config.replace(deterministic=True))
+    nll, (denom, _, correct) = loss_sums(params, batch, jax.random.key(0), model=deterministic, task=task)
+    return {"nll_sum": nll, "weight_sum": denom, "correct_sum": correct}
+
+
+def linear_ramp(max_prob: float, ramp_steps: int) -> Callable:
+    """Scheduled-sampling probability: 0 at step 0 rising linearly to `max_prob` at `ramp_steps`."""
+    return lambda step: max_prob * jnp.minimum(step.astype(jnp.float32) / max(ramp_steps, 1), 1.0)
