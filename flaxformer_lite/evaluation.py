@@ -1,0 +1,111 @@
+"""Evaluation shared by train.py and eval.py: perplexity over a split, BLEU/chrF on decoded text."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxformer_lite import decoding, metrics, sharding, training
+from flaxformer_lite.tokenizer import EOS_ID
+
+
+def evaluate_loss(params, model, task: str, batches, mesh, max_batches: int = 0) -> dict:
+    """Token-level NLL, perplexity and accuracy over `batches` (all of them if max_batches is 0)."""
+    step = jax.jit(functools.partial(training.eval_step, model=model, task=task))
+    totals = {"nll_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+    it = batches if not max_batches else itertools.islice(batches, max_batches)
+    with jax.set_mesh(mesh):
+        for batch in it:
+            out = jax.device_get(step(params, sharding.global_batch(batch, mesh)))
+            for k in totals:
+                totals[k] += float(out[k])
+    if totals["weight_sum"] == 0:
+        raise ValueError("the evaluation split produced no target tokens; pick a non-empty split.")
+    nll = totals["nll_sum"] / totals["weight_sum"]
+    return {
+        "nll": nll,
+        "perplexity": metrics.perplexity(totals["nll_sum"], totals["weight_sum"]),
+        "accuracy": totals["correct_sum"] / totals["weight_sum"],
+        "tokens": totals["weight_sum"],
+    }
+
+
+def references(example: dict, target_feature: str) -> list[str]:
+    """Every reference of an example: `<target>_refs` when the dataset has them, else the target."""
+    refs = example.get(f"{target_feature}_refs")
+    if refs is not None and len(refs):
+        return [r.decode("utf-8") if isinstance(r, bytes) else str(r) for r in refs]
+    value = example[target_feature]
+    return [value.decode("utf-8") if isinstance(value, bytes) else str(value)]
+
+
+def translate_texts(
+    model,
+    params,
+    sp,
+    sources: list[str],
+    *,
+    max_length: int,
+    max_decode_length: int,
+    batch_size: int,
+    mesh,
+    decode_fn=None,
+) -> tuple[list[str], int]:
+    """Greedy (or `decode_fn`) translations of `sources`; returns (texts, number trimmed)."""
+    decode_fn = decode_fn or jax.jit(lambda p, x: decoding.translate(model, p, x, max_decode_length))
+    hyps, trimmed = [], 0
+    with jax.set_mesh(mesh):
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start : start + batch_size]
+            rows = np.zeros((batch_size, max_length), np.int32)
+            for i, text in enumerate(chunk):
+                ids = sp.encode(text)
+                if len(ids) >= max_length:
+                    trimmed += 1
+                    ids = ids[: max_length - 1]
+                rows[i, : len(ids) + 1] = ids + [EOS_ID]
+            out = decode_fn(params, jax.device_put(jnp.asarray(rows), sharding.batch_sharding(mesh)))
+            hyps += [sp.decode(ids) for ids in decoding.strip_after_eos(out)[: len(chunk)]]
+    return hyps, trimmed
+
+
+def evaluate_bleu(
+    model,
+    params,
+    sp,
+    source,
+    keys: dict[str, str],
+    *,
+    max_examples: int,
+    max_length: int,
+    max_decode_length: int,
+    batch_size: int,
+    mesh,
+    decode_fn=None,
+) -> dict:
+    """BLEU/chrF of translations of the first `max_examples` examples (0 = all) of `source`."""
+    n = len(source) if not max_examples else min(max_examples, len(source))
+    examples = [source[i] for i in range(n)]
+    src_texts = [references(ex, keys["inputs"])[0] for ex in examples]
+    refs = [references(ex, keys["targets"]) for ex in examples]
+    hyps, trimmed = translate_texts(
+        model,
+        params,
+        sp,
+        src_texts,
+        max_length=max_length,
+        max_decode_length=max_decode_length,
+        batch_size=batch_size,
+        mesh=mesh,
+        decode_fn=decode_fn,
+    )
+    num_refs = max(len(r) for r in refs)
+    # sacrebleu layout: one list per reference index; sentences with fewer references repeat their first.
+    ref_streams = [[r[j] if j < len(r) else r[0] for r in refs] for j in range(num_refs)]
+    scores = metrics.bleu_and_chrf(hyps, ref_streams)
+    scores.update(examples=n, references_per_sentence=num_refs, trimmed_sources=trimmed)
+    return {**scores, "hypotheses": hyps, "sources": src_texts, "references": ref_streams}

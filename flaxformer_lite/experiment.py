@@ -1,0 +1,147 @@
+"""Build an experiment from an ml_collections config: data sources, tokenizer, model, iterators.
+
+Shared by train.py and eval.py so both see exactly the same tokenizer, features and model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from flaxformer_lite import input_pipeline as ip
+from flaxformer_lite.config import ModelConfig, preset
+from flaxformer_lite.models import DecoderOnly, EncoderDecoder, EncoderOnly
+
+MODELS = {"translation": EncoderDecoder, "lm": DecoderOnly, "mlm": EncoderOnly}
+
+
+def validate(config) -> None:
+    """Fail early, naming the field and the fix."""
+
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"bad config: {msg}")
+
+    need(config.task in MODELS, f"task={config.task!r}; use one of {sorted(MODELS)}")
+    need(config.num_train_steps >= 0, f"num_train_steps={config.num_train_steps} must be >= 0")
+    need(config.batch_size > 0, f"batch_size={config.batch_size} must be positive")
+    need(config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
+    need(
+        config.batch_size % config.grad_accum_steps == 0,
+        f"batch_size={config.batch_size} must be divisible by grad_accum_steps={config.grad_accum_steps}",
+    )
+    need(
+        config.batch_size % jax.process_count() == 0,
+        f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes",
+    )
+    need(config.max_length >= 4, f"max_length={config.max_length} is too short; use at least 4")
+    need(config.checkpoint_every > 0, f"checkpoint_every={config.checkpoint_every} must be positive")
+    need(config.log_every > 0, f"log_every={config.log_every} must be positive")
+    need(0 <= config.label_smoothing < 1, f"label_smoothing={config.label_smoothing} must be in [0, 1)")
+    need(
+        config.scheduled_sampling_max_prob == 0 or config.task == "translation",
+        "scheduled sampling is for task='translation' only",
+    )
+
+
+def data_dir(config, workdir: str) -> str:
+    return config.data_dir or ip.default_data_dir(workdir)
+
+
+def _source_kwargs(config) -> dict:
+    kwargs = {"manual_dir": config.manual_dir} if config.manual_dir else {}
+    if config.db_path and config.dataset_name.startswith("bible_"):
+        kwargs["db_path"] = config.db_path
+    return kwargs
+
+
+def open_split(config, workdir: str, split: str):
+    return ip.open_source(config.dataset_name, split, data_dir(config, workdir), **_source_kwargs(config))
+
+
+def feature_keys(config, workdir: str) -> dict[str, str]:
+    """Model input name -> dataset feature: {"inputs": src, "targets": tgt} or {"targets": text}."""
+    if config.task == "translation":
+        src, tgt = ip.supervised_keys(
+            config.dataset_name,
+            data_dir(config, workdir),
+            config.reverse_translation,
+            **_source_kwargs(config),
+        )
+        return {"inputs": src, "targets": tgt}
+    return {"targets": "text"}
+
+
+def tokenizer(config, workdir: str):
+    """The workdir's SentencePiece model, trained on the train split on first use."""
+    return ip.get_tokenizer(
+        config.dataset_name,
+        data_dir(config, workdir),
+        os.path.join(workdir, "spm.model"),
+        sorted(set(feature_keys(config, workdir).values())),
+        vocab_size=config.vocab_size,
+        character_coverage=config.character_coverage,
+        **_source_kwargs(config),
+    )
+
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+    """The preset with overrides; vocab from the tokenizer, max_len long enough for the data."""
+    overrides = dict(config.model.overrides)
+    overrides.pop("vocab_size", None)
+    cfg = preset(config.model.preset, vocab_size=vocab_size, **overrides)
+    need_len = max(config.max_length, config.max_decode_length)
+    return cfg if cfg.max_len >= need_len else cfg.replace(max_len=need_len)
+
+
+def make_model(config, vocab_size: int):
+    return MODELS[config.task](model_config(config, vocab_size))
+
+
+def host_batch_size(config) -> int:
+    return config.batch_size // jax.process_count()
+
+
+def train_dataset(config, workdir: str, sp, stats: ip.TokenizeStats | None = None):
+    """Endless, shuffled, packed per-host batches of the train split."""
+    source = open_split(config, workdir, config.train_split)
+    tok = ip.Tokenize(sp, feature_keys(config, workdir), config.max_length, stats)
+    return ip.make_dataset(
+        source,
+        tok,
+        batch_size=host_batch_size(config),
+        max_length=config.max_length,
+        pack=config.pack,
+        shuffle=True,
+        seed=config.seed,
+        num_epochs=None,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+
+
+def eval_dataset(config, workdir: str, sp, split: str | None = None):
+    """One pass over an eval split in order, unpacked, last batch padded with empty rows."""
+    source = open_split(config, workdir, split or config.eval_split)
+    tok = ip.Tokenize(sp, feature_keys(config, workdir), config.max_length)
+    ds = ip.make_dataset(
+        source,
+        tok,
+        batch_size=host_batch_size(config),
+        max_length=config.max_length,
+        pack=False,
+        shuffle=False,
+        num_epochs=1,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        drop_remainder=False,
+    )
+    return ds.map(lambda b: pad_rows(b, host_batch_size(config)))
+
+
+def pad_rows(batch: dict, rows: int) -> dict:
+    """Pad a short final batch with all-padding rows (weight 0) to a fixed row count."""
+    n = next(iter(batch.values())).shape[0]
+    return {k: np.pad(v, ((0, rows - n), (0, 0))) for k, v in batch.items()} if n < rows else batch

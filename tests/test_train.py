@@ -1,0 +1,152 @@
+"""train.py end to end on the committed Bible fixture (tiny model, a few steps)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import train
+from configs import quickstart
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bible_small.db")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A data dir and tokenizer prepared once for all runs in this module."""
+    return str(tmp_path_factory.mktemp("shared"))
+
+
+def _config(shared, **overrides):
+    c = quickstart.get_config()
+    c.db_path = FIXTURE
+    c.data_dir = os.path.join(shared, "tfds")
+    c.model.overrides = {
+        "d_model": 32,
+        "num_heads": 4,
+        "d_ff": 64,
+        "num_encoder_layers": 1,
+        "num_decoder_layers": 1,
+        "dropout_rate": 0.1,
+        "pre_norm": True,
+    }
+    c.vocab_size = 400
+    c.max_length = 32
+    c.batch_size = 8
+    c.num_train_steps = 12
+    c.schedule = "constant"  # the same schedule whatever num_train_steps is (for resume tests)
+    c.learning_rate = 3e-3
+    c.log_every = 1
+    c.eval_every = 0
+    c.eval_batches = 2
+    c.bleu_examples = 8
+    c.max_decode_length = 8
+    c.checkpoint_every = 3
+    c.async_checkpoints = False
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def _run(shared, workdir, **overrides):
+    os.makedirs(workdir, exist_ok=True)
+    spm = os.path.join(shared, "spm.model")
+    if os.path.exists(spm):  # reuse the tokenizer trained by the first run
+        shutil.copy(spm, os.path.join(workdir, "spm.model"))
+    final = train.train_and_evaluate(_config(shared, **overrides), workdir)
+    if not os.path.exists(spm):
+        shutil.copy(os.path.join(workdir, "spm.model"), spm)
+    return final
+
+
+def _train_curve(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def straight(shared, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    return workdir, _run(shared, workdir)
+
+
+def test_run_writes_everything_and_loss_falls(straight):
+    workdir, final = straight
+    for name in ("metrics.jsonl", "loss.png", "final_metrics.json", "spm.model"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [
+        6,
+        9,
+        12,
+    ]
+    curve = _train_curve(workdir)
+    assert sorted(curve) == list(range(1, 13))
+    assert np.mean([curve[s] for s in (10, 11, 12)]) < np.mean([curve[s] for s in (1, 2, 3)])
+    assert {"bleu", "chrf", "perplexity", "bleu_signature"} <= set(final)
+    assert final["perplexity"] == pytest.approx(np.exp(final["nll"]))
+
+
+def test_resume_gives_the_uninterrupted_loss_curve(shared, straight, tmp_path):
+    workdir = str(tmp_path / "resumed")
+    _run(shared, workdir, num_train_steps=6)  # "crash" after step 6 (checkpoint at 6)
+    _run(shared, workdir)  # rerun the same command with the full step count
+    want, got = _train_curve(straight[0]), _train_curve(workdir)
+    assert sorted(got) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], rtol=1e-5)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(shared, straight, tmp_path, caplog):
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(straight[0], workdir)
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "12", "state")):
+        for f in files:
+            with open(os.path.join(root, f), "r+b") as fh:
+                fh.truncate(max(os.path.getsize(os.path.join(root, f)) // 3, 1))
+    os.remove(os.path.join(workdir, "metrics.jsonl"))
+    _run(shared, workdir, num_train_steps=13)
+    assert "resumed from step 9" in caplog.text or "trying the previous one" in caplog.text
+    assert sorted(_train_curve(workdir)) == [10, 11, 12, 13]  # resumed after step 9
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(shared, straight, tmp_path):
+    workdir = str(tmp_path / "mismatch")
+    shutil.copytree(straight[0], workdir)
+    overrides = dict(_config(shared).model.overrides, d_ff=48)
+    msg = (
+        r"parameter 'params/.*mlp/wi/\w+' has shape \(.*64,?\) in the checkpoint but \(.*48,?\) in the model"
+    )
+    with pytest.raises(ValueError, match=msg):
+        _run(shared, workdir, model=_model(overrides))
+
+
+def _model(overrides):
+    import ml_collections
+
+    return ml_collections.ConfigDict({"preset": "transformer_base", "overrides": overrides})
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(shared, tmp_path):
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(
+        train.TrainingError, match=r"loss became (nan|inf) at step \d+; the last good checkpoint"
+    ):
+        _run(shared, workdir, learning_rate=1e12, num_train_steps=30, checkpoint_every=2)
+    # Nothing saved after the bad step: every kept checkpoint predates it.
+    assert os.path.isdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path, shared):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(train.TrainingError, match="is not writable"):
+        train.train_and_evaluate(_config(shared), str(blocker / "sub"))
+
+
+def test_bad_config_values_name_the_field(shared, tmp_path):
+    with pytest.raises(ValueError, match="batch_size=8 must be divisible by grad_accum_steps=3"):
+        train.train_and_evaluate(_config(shared, grad_accum_steps=3), str(tmp_path))
+    with pytest.raises(ValueError, match="task='seq2seq'"):
+        train.train_and_evaluate(_config(shared, task="seq2seq"), str(tmp_path))
