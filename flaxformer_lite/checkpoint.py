@@ -36,7 +36,8 @@ def _check_shapes(saved_tree, abstract_state, step: int, directory: str) -> None
             raise CheckpointMismatchError(f"checkpoint has no parameter {name!r} (shape {shape}). {fix}")
         if saved[name] != shape:
             raise CheckpointMismatchError(
-                f"parameter {name!r} has shape {saved[name]} in the checkpoint but {shape} in the model. {fix}"
+                f"parameter {name!r} has shape {saved[name]} in the checkpoint but {shape} in the model. "
+                + fix
             )
     extra = sorted(set(saved) - set(wanted))
     if extra:

@@ -74,15 +74,20 @@ def sample(
     return jax.lax.while_loop(cond, body, init)[1]
 
 
-def translation_step_fn(model, params, inputs: jax.Array, max_len: int):
-    """(step_fn, cache) for an EncoderDecoder: encode once, cache cross-attention K/V once."""
+def translation_step_fn(model, params, inputs: jax.Array, max_len: int, beams: int = 1):
+    """(step_fn, cache) for an EncoderDecoder: encode once, project cross-attention K/V once.
+
+    With beams > 1 the encoder output is repeated per beam before the cache is built, so the
+    cache has batch * beams rows (beam search layout) while the encoder ran once per source.
+    """
     decoder = model.clone(config=model.config.replace(decode=True, deterministic=True))
     encoded = decoder.apply({"params": params}, inputs, method="encode")
-    target_shape = (inputs.shape[0], max_len)
+    if beams > 1:
+        encoded, inputs = tile_beams(encoded, beams), tile_beams(inputs, beams)
     _, state = decoder.apply(
         {"params": params},
         encoded,
-        jnp.zeros(target_shape, jnp.int32),
+        jnp.zeros((inputs.shape[0], max_len), jnp.int32),
         inputs=inputs,
         method="decode",
         mutable=["cache"],
@@ -111,3 +116,134 @@ def strip_after_eos(ids) -> list[list[int]]:
         row = row[: row.index(EOS_ID)] if EOS_ID in row else row
         out.append([t for t in row if t != PAD_ID])
     return out
+
+
+# ------------------------------------------------------------------------------ beam search
+
+NEG_INF = -1.0e7
+
+
+def length_penalty(length, alpha: float):
+    """GNMT length penalty ((5 + length) / 6) ** alpha (Wu et al. 2016)."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def _gather_beams(tree, beam_indices, batch: int, beams: int):
+    """Reorder every cache leaf whose batch axis (0, or 1 under nn.scan) has batch * beams rows."""
+    flat = (jnp.arange(batch)[:, None] * beams + beam_indices).reshape(-1)  # [B*K] source rows
+
+    def gather(x):
+        if x.ndim >= 1 and x.shape[0] == batch * beams:
+            return x[flat]
+        if x.ndim >= 2 and x.shape[1] == batch * beams:  # layer-stacked cache (scan)
+            return x[:, flat]
+        return x
+
+    return jax.tree.map(gather, tree)
+
+
+def beam_search(
+    step_fn,
+    cache,
+    batch: int,
+    beams: int,
+    max_len: int,
+    *,
+    alpha: float = 0.6,
+    max_lengths: jax.Array | None = None,
+    eos_id: int = EOS_ID,
+    start_id: int = PAD_ID,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search with the GNMT length penalty: -> ([B, beams, max_len] ids, [B, beams] scores).
+
+    `cache` must already be tiled to batch * beams rows (see `tile_beams`). A hypothesis ends at
+    EOS and scores log P / length_penalty(length incl. EOS); `max_lengths` [B] forces EOS at a
+    per-example length (e.g. relative to the source). Stops early once no live beam can still
+    beat the worst finished one. Returns beams sorted best first.
+    """
+    limit = jnp.full((batch,), max_len) if max_lengths is None else jnp.minimum(max_lengths, max_len)
+    seqs0 = jnp.full((batch, beams, max_len), PAD_ID, jnp.int32)
+    live_logp0 = jnp.tile(jnp.array([0.0] + [NEG_INF] * (beams - 1)), (batch, 1))  # one live beam to start
+    init = dict(
+        i=jnp.int32(0),
+        cache=cache,
+        live=seqs0,
+        live_logp=live_logp0,
+        last=jnp.full((batch, beams), start_id, jnp.int32),
+        fin=seqs0,
+        fin_score=jnp.full((batch, beams), NEG_INF),
+        fin_any=jnp.zeros((batch,), bool),
+    )
+
+    def cond(s):
+        best_live = s["live_logp"][:, 0] / length_penalty(limit.astype(jnp.float32), alpha)
+        worst_fin = jnp.where(s["fin_any"], jnp.min(s["fin_score"], axis=1), NEG_INF)
+        # Scores only fall as hypotheses grow (log P <= 0), so the best a live beam can reach is bounded.
+        can_improve = ~s["fin_any"] | (best_live > worst_fin)
+        return (s["i"] < max_len) & jnp.any(can_improve)
+
+    def body(s):
+        i = s["i"]
+        logits, cache = step_fn(s["last"].reshape(-1, 1), s["cache"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, beams, -1)  # [B, K, V]
+        V = logp.shape[-1]
+        at_limit = (i + 1 >= limit)[:, None, None]
+        not_eos = (jnp.arange(V) != eos_id)[None, None, :]
+        logp = jnp.where(at_limit & not_eos, NEG_INF, logp)  # force EOS at the limit
+        cand = (s["live_logp"][:, :, None] + logp).reshape(batch, beams * V)
+        top_logp, top_idx = jax.lax.top_k(cand, 2 * beams)  # 2K: enough to keep K non-EOS
+        beam_idx, token = top_idx // V, (top_idx % V).astype(jnp.int32)
+        seqs = jnp.take_along_axis(s["live"], beam_idx[:, :, None], axis=1)
+        seqs = jax.lax.dynamic_update_slice(seqs, token[:, :, None], (0, 0, i))  # [B, 2K, L]
+        is_eos = token == eos_id
+        # Finished: merge EOS candidates into the finished set, keep the best K by penalised score.
+        new_score = jnp.where(is_eos, top_logp / length_penalty(i + 1.0, alpha), NEG_INF)
+        all_score = jnp.concatenate([s["fin_score"], new_score], axis=1)
+        all_seqs = jnp.concatenate([s["fin"], seqs], axis=1)
+        fin_score, keep = jax.lax.top_k(all_score, beams)
+        fin = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
+        # Live: the best K candidates that did not end.
+        live_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), beams)
+        live = jnp.take_along_axis(seqs, keep[:, :, None], axis=1)
+        last = jnp.take_along_axis(token, keep, axis=1)
+        cache = _gather_beams(cache, jnp.take_along_axis(beam_idx, keep, axis=1), batch, beams)
+        return dict(
+            i=i + 1,
+            cache=cache,
+            live=live,
+            live_logp=live_logp,
+            last=last,
+            fin=fin,
+            fin_score=fin_score,
+            fin_any=s["fin_any"] | jnp.any(is_eos, axis=1),
+        )
+
+    s = jax.lax.while_loop(cond, body, init)
+    # Rows that never finished fall back to their live beams (scored with the same penalty).
+    live_score = s["live_logp"] / length_penalty(jnp.float32(max_len), alpha)
+    seqs = jnp.where(s["fin_any"][:, None, None], s["fin"], s["live"])
+    scores = jnp.where(s["fin_any"][:, None], s["fin_score"], live_score)
+    return seqs, scores
+
+
+def tile_beams(x: jax.Array, beams: int) -> jax.Array:
+    """[B, ...] -> [B*beams, ...], each row repeated `beams` times in place."""
+    return jnp.repeat(x, beams, axis=0)
+
+
+def translate_beam(
+    model,
+    params,
+    inputs: jax.Array,
+    max_len: int,
+    *,
+    beams: int = 4,
+    alpha: float = 0.6,
+    max_lengths: jax.Array | None = None,
+) -> jax.Array:
+    """[B, S] source ids -> [B, max_len] best beam-search translation per row."""
+    step_fn, cache = translation_step_fn(model, params, inputs, max_len, beams)
+    seqs, _ = beam_search(
+        step_fn, cache, inputs.shape[0], beams, max_len, alpha=alpha, max_lengths=max_lengths
+    )
+    return seqs[:, 0]
