@@ -21,10 +21,6 @@ from ml_collections import config_flags
 from flaxformer_lite import checkpoint, evaluation, experiment, sharding, training
 from flaxformer_lite import input_pipeline as ip
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the tokenizer.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
-flags.mark_flags_as_required(["config", "workdir"])
-
 MIN_FREE_BYTES = 200 * 2**20
 
 
@@ -127,21 +123,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = experiment.make_model(config, sp.get_piece_size())
     logging.info("model config: %s", model.config)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
-    schedule = training.make_schedule(
-        config.schedule,
-        d_model=model.config.d_model,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.num_train_steps,
-    )
-    tx = training.make_optimizer(
-        schedule,
-        b1=config.b1,
-        b2=config.b2,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        clip_norm=config.clip_norm or None,
-    )
+    tx, schedule = experiment.optimizer(config, model.config.d_model)
     rng = jax.random.key(config.seed)
     init_rng, dropout_rng = jax.random.split(rng)
     state, shardings = training.create_train_state(
@@ -286,12 +268,20 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (TrainingError, ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
+def define_flags() -> None:
+    """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the tokenizer.")
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

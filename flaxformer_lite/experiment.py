@@ -145,3 +145,25 @@ def pad_rows(batch: dict, rows: int) -> dict:
     """Pad a short final batch with all-padding rows (weight 0) to a fixed row count."""
     n = next(iter(batch.values())).shape[0]
     return {k: np.pad(v, ((0, rows - n), (0, 0))) for k, v in batch.items()} if n < rows else batch
+
+
+def optimizer(config, d_model: int):
+    """(tx, schedule) as configured; eval.py builds the same to read checkpoints."""
+    from flaxformer_lite import training
+
+    schedule = training.make_schedule(
+        config.schedule,
+        d_model=d_model,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.num_train_steps,
+    )
+    tx = training.make_optimizer(
+        schedule,
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm or None,
+    )
+    return tx, schedule

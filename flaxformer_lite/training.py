@@ -105,10 +105,7 @@ def _model_args(task: str, batch: dict, decoder_inputs=None):
     )
 
 
-def create_train_state(
-    model: nn.Module, tx, rng, task: str, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES
-):
-    """Initialise params and optimizer state directly sharded on `mesh`. Returns (state, shardings)."""
+def _init_fn(model: nn.Module, tx, task: str, batch_shape: tuple[int, int]):
     batch = example_batch(task, *batch_shape)
 
     def init(rng):
@@ -116,9 +113,28 @@ def create_train_state(
         params = model.init(rng, *args, **kwargs)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+    return init
+
+
+def state_shardings(model: nn.Module, tx, task: str, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES):
+    """(abstract state, shardings): ShapeDtypeStructs carrying shardings, with nothing allocated."""
+    init = _init_fn(model, tx, task, batch_shape)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init, rng)
-        shardings = logical_shardings(abstract, mesh, rules)
+        boxed = jax.eval_shape(init, jax.random.key(0))
+    shardings = logical_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
+    return abstract, shardings
+
+
+def create_train_state(
+    model: nn.Module, tx, rng, task: str, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES
+):
+    """Initialise params and optimizer state directly sharded on `mesh`. Returns (state, shardings)."""
+    init = _init_fn(model, tx, task, batch_shape)
+    _, shardings = state_shardings(model, tx, task, batch_shape, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings
 

@@ -150,3 +150,40 @@ def test_bad_config_values_name_the_field(shared, tmp_path):
         train.train_and_evaluate(_config(shared, grad_accum_steps=3), str(tmp_path))
     with pytest.raises(ValueError, match="task='seq2seq'"):
         train.train_and_evaluate(_config(shared, task="seq2seq"), str(tmp_path))
+
+
+def test_eval_py_reports_bleu_that_sacrebleu_recomputes_from_its_files(shared, straight):
+    import sacrebleu
+
+    import eval as eval_py
+
+    workdir = straight[0]
+    summary = eval_py.evaluate(
+        _config(shared), workdir, "test", beams=2, alpha=0.6, max_examples=10, batch_size=8
+    )
+    out = os.path.join(workdir, "eval")
+    hyps = open(os.path.join(out, "test.hyp.txt"), encoding="utf-8").read().splitlines()
+    refs = [
+        open(os.path.join(out, f"test.ref{j}.txt"), encoding="utf-8").read().splitlines() for j in range(2)
+    ]
+    assert len(hyps) == 10 and all(len(r) == 10 for r in refs)
+    assert summary["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score)
+    assert summary["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, refs).score)
+    assert summary["bleu_signature"].startswith("nrefs:2|")
+    assert json.load(open(os.path.join(out, "eval_test.json")))["perplexity"] == pytest.approx(
+        summary["perplexity"]
+    )
+
+
+def test_eval_without_checkpoint_is_a_clear_error(shared, tmp_path):
+    import eval as eval_py
+
+    with pytest.raises(FileNotFoundError, match="no spm.model"):
+        eval_py.evaluate(
+            _config(shared), str(tmp_path), "test", beams=1, alpha=0.6, max_examples=2, batch_size=8
+        )
+    shutil.copy(os.path.join(shared, "spm.model"), tmp_path / "spm.model")
+    with pytest.raises(FileNotFoundError, match="no checkpoints in .*train first"):
+        eval_py.evaluate(
+            _config(shared), str(tmp_path), "test", beams=1, alpha=0.6, max_examples=2, batch_size=8
+        )

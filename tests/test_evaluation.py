@@ -1,0 +1,79 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sacrebleu
+from flax import linen as nn
+
+import flaxformer_lite as fl
+from flaxformer_lite import evaluation, ops, sharding
+from flaxformer_lite.tokenizer import EOS_ID, train_sentencepiece
+from tests import reference
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    lengths = np.array([7, 4, 9, 2])
+    valid = np.arange(9)[None] < lengths[:, None]
+    tokens = np.where(valid, rng.integers(2, 31, (4, 9)), 0).astype(np.int32)
+    seg = valid.astype(np.int32)
+    pos = np.where(valid, np.arange(9)[None], 0).astype(np.int32)
+    return {"targets": tokens, "targets_segment_ids": seg, "targets_positions": pos}
+
+
+def test_perplexity_is_exp_of_mean_nll_over_real_tokens():
+    model = fl.DecoderOnly(fl.tiny(vocab_size=31, deterministic=True))
+    batch = _batch()
+    params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(batch["targets"]))["params"])
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    got = evaluation.evaluate_loss(params, model, "lm", [batch], mesh)
+    logits = model.apply({"params": params}, ops.shift_right(jnp.asarray(batch["targets"])))
+    logp = reference.log_softmax(np.asarray(logits))
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    mask = batch["targets_segment_ids"] > 0
+    want = np.exp(nll[mask].mean())
+    assert got["tokens"] == mask.sum() == 22
+    assert got["perplexity"] == pytest.approx(want, rel=1e-5)
+
+
+class _Source(list):
+    """A list that looks like a TFDS data source."""
+
+
+def test_bleu_uses_every_reference_stream(tmp_path):
+    texts = ["the cat sat on the mat", "a dog ran in the park today", "we all like green tea", "it rains"]
+    sp = train_sentencepiece(iter(texts * 50), str(tmp_path / "m.model"), vocab_size=60, byte_fallback=False)
+    source = _Source(
+        {"en": f"src {i}".encode(), "de": t.encode(), "de_refs": [b"unrelated words here", t.encode()]}
+        for i, t in enumerate(texts)
+    )
+    outputs = {}
+
+    def decode_fn(params, inputs):  # "translates" sentence i into reference i (perfect), except the last
+        rows = []
+        for i in range(inputs.shape[0]):
+            ids = sp.encode(texts[i]) if i < 3 else sp.encode("nothing like it")
+            rows.append((ids + [EOS_ID] + [0] * 40)[:40])
+        outputs["rows"] = rows
+        return jnp.asarray(rows)
+
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    result = evaluation.evaluate_bleu(
+        None,
+        None,
+        sp,
+        source,
+        {"inputs": "en", "targets": "de"},
+        max_examples=0,
+        max_length=16,
+        max_decode_length=20,
+        batch_size=4,
+        mesh=mesh,
+        decode_fn=decode_fn,
+    )
+    hyps = texts[:3] + ["nothing like it"]
+    refs = [["unrelated words here"] * 4, texts]
+    assert result["hypotheses"] == hyps
+    assert result["references"] == refs
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score)
+    assert 0 < result["bleu"] < 100
