@@ -247,3 +247,26 @@ def translate_beam(
         step_fn, cache, inputs.shape[0], beams, max_len, alpha=alpha, max_lengths=max_lengths
     )
     return seqs[:, 0]
+
+
+def lm_generate(model, params, prompt: jax.Array, max_new: int, **sample_kwargs) -> jax.Array:
+    """[B, P] prompt ids (same length, P >= 0) -> [B, max_new] continuation from a DecoderOnly.
+
+    The model was trained on shift_right(tokens), so the prompt is fed behind the pad/BOS id 0:
+    prefill [0, p_1 .. p_{P-1}] in one call, then sample token by token from p_P.
+    """
+    decoder = model.clone(config=model.config.replace(decode=True, deterministic=True))
+    B, P = prompt.shape
+    _, state = decoder.apply({"params": params}, jnp.zeros((B, P + max_new), jnp.int32), mutable=["cache"])
+    cache = state["cache"]
+    first = jnp.full((B,), PAD_ID, jnp.int32)
+    if P:
+        prefill = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), prompt[:, :-1]], axis=1)
+        _, new = decoder.apply({"params": params, "cache": cache}, prefill, mutable=["cache"])
+        cache, first = new["cache"], prompt[:, -1]
+
+    def step_fn(tokens, cache):
+        logits, new = decoder.apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
+        return logits[:, -1], new["cache"]
+
+    return sample(step_fn, cache, first, max_new, **sample_kwargs)

@@ -115,3 +115,29 @@ def test_top_p_keeps_the_smallest_nucleus():
     )
     freq = np.bincount(np.asarray(draws), minlength=4) / 4000
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)  # renormalised 0.5/0.8, 0.3/0.8
+
+
+def test_cached_lm_generation_equals_recomputing_the_full_forward():
+    cfg = fl.tiny(vocab_size=31, position="rope", pre_norm=True, max_len=16)
+    model = fl.DecoderOnly(cfg)
+    prompt = jax.random.randint(jax.random.key(2), (2, 4), 2, 31)
+    params = nn.unbox(model.init(jax.random.key(0), prompt)["params"])
+    got = jax.jit(lambda p, x: decoding.lm_generate(model, p, x, 6, eos_id=-1))(params, prompt)
+    seq = np.asarray(prompt)
+    full = fl.DecoderOnly(cfg.replace(deterministic=True))
+    for _ in range(6):  # no cache: run the whole sequence again for every new token
+        bos_seq = np.concatenate([np.zeros((2, 1), np.int32), seq], axis=1)  # [0, tokens...]
+        logits = full.apply({"params": params}, jnp.asarray(bos_seq))  # last position predicts the next
+        seq = np.concatenate([seq, np.argmax(logits[:, -1], -1)[:, None]], axis=1)
+    np.testing.assert_array_equal(got, seq[:, 4:])
+
+
+def test_cached_translation_equals_recomputing_the_full_forward():
+    model, params, src = _tiny_translation()
+    got = decoding.translate(model, params, src, 6, eos_id=-1)
+    out = np.zeros((3, 0), np.int32)
+    for _ in range(6):
+        dec_in = np.concatenate([np.zeros((3, 1), np.int32), out], axis=1)
+        logits = model.apply({"params": params}, src, jnp.asarray(dec_in))
+        out = np.concatenate([out, np.argmax(logits[:, -1], -1)[:, None]], axis=1)
+    np.testing.assert_array_equal(got, out)

@@ -187,3 +187,16 @@ def test_eval_without_checkpoint_is_a_clear_error(shared, tmp_path):
         eval_py.evaluate(
             _config(shared), str(tmp_path), "test", beams=1, alpha=0.6, max_examples=2, batch_size=8
         )
+
+
+def test_generate_cli_translates_each_line_and_counts_bad_input(shared, straight):
+    import io
+
+    import generate
+
+    lines = ["In the beginning God created the heavens.\n", "\n", "word " * 200 + "\n", "Zeichen: 日本\n"]
+    out, err = io.StringIO(), io.StringIO()
+    counts = generate.run(_config(shared), straight[0], lines, out, err, beam_size=2)
+    assert counts == {"lines": 4, "empty": 1, "trimmed": 1}
+    assert len(out.getvalue().split("\n")) == 5 and out.getvalue().split("\n")[1] == ""
+    assert "1 empty lines, 1 lines trimmed" in err.getvalue()

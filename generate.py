@@ -1,0 +1,124 @@
+"""Interactive use of a trained model: text lines in (stdin), text lines out (stdout).
+
+    echo "In the beginning was the Word." | python generate.py --config=configs/quickstart.py \
+        --workdir=runs/quickstart                      # translation: beam search
+    echo "And God said" | python generate.py --config=configs/gpt2_small.py --workdir=runs/lm \
+        --temperature=0.8 --top_p=0.9                  # language model: sampled continuation
+
+One output line per input line. Empty lines give empty outputs; lines longer than the config's
+max_length are trimmed; both are counted on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+import eval as eval_lib
+from flaxformer_lite import checkpoint, decoding
+from flaxformer_lite.tokenizer import EOS_ID
+
+
+def define_flags() -> None:
+    """Command-line flags (defined only when run as a script)."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
+    flags.DEFINE_string("workdir", None, "The training workdir.")
+    flags.DEFINE_integer("beam_size", 4, "Translation: beam size (1 = greedy).")
+    flags.DEFINE_float("alpha", 0.6, "Translation: GNMT length-penalty exponent.")
+    flags.DEFINE_float("temperature", 0.0, "LM: sampling temperature (0 = greedy).")
+    flags.DEFINE_integer("top_k", 0, "LM: sample among the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", 1.0, "LM: nucleus sampling mass.")
+    flags.DEFINE_integer("max_new_tokens", 64, "LM: tokens to generate per prompt.")
+    flags.DEFINE_integer("seed", 0, "LM: sampling seed.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(
+    config,
+    workdir: str,
+    lines,
+    out,
+    err,
+    *,
+    beam_size=4,
+    alpha=0.6,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    max_new_tokens=64,
+    seed=0,
+) -> dict:
+    """Process `lines`, writing one line to `out` for each; returns counts of what was skipped or trimmed."""
+    if config.task not in ("translation", "lm"):
+        raise ValueError(f"generate.py handles task 'translation' or 'lm', not {config.task!r}.")
+    sp, model, mesh, _, params = eval_lib.load(config, workdir)
+    counts = {"lines": 0, "empty": 0, "trimmed": 0}
+    if config.task == "translation":
+        decode = eval_lib.beam_decode_fn(model, beam_size, alpha, config.max_decode_length)
+    else:
+        decode = jax.jit(
+            lambda p, x, k: decoding.lm_generate(
+                model, p, x, max_new_tokens, rng=k, temperature=temperature, top_k=top_k, top_p=top_p
+            )
+        )
+    for i, line in enumerate(lines):
+        counts["lines"] += 1
+        text = line.rstrip("\n")
+        if not text.strip():
+            counts["empty"] += 1
+            out.write("\n")
+            continue
+        ids = sp.encode(text)
+        limit = config.max_length - 1 if config.task == "translation" else config.max_length
+        if len(ids) > limit:
+            counts["trimmed"] += 1
+            ids = ids[:limit] if config.task == "translation" else ids[-limit:]
+        if config.task == "translation":
+            x = (
+                jnp.zeros((1, config.max_length), jnp.int32)
+                .at[0, : len(ids) + 1]
+                .set(jnp.array(ids + [EOS_ID]))
+            )
+            result = decode(params, x)
+        else:
+            result = decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))
+        out.write(sp.decode(decoding.strip_after_eos(result)[0]) + "\n")
+        out.flush()
+    if counts["empty"] or counts["trimmed"]:
+        trimmed = f"{counts['trimmed']} lines trimmed to {config.max_length} tokens"
+        err.write(f"{counts['empty']} empty lines, {trimmed}\n")
+    return counts
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    try:
+        run(
+            f.config,
+            f.workdir,
+            sys.stdin,
+            sys.stdout,
+            sys.stderr,
+            beam_size=f.beam_size,
+            alpha=f.alpha,
+            temperature=f.temperature,
+            top_k=f.top_k,
+            top_p=f.top_p,
+            max_new_tokens=f.max_new_tokens,
+            seed=f.seed,
+        )
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
