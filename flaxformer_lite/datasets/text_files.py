@@ -3,8 +3,8 @@
     <dir>/train.tsv, validation.tsv, test.tsv   "source<TAB>target" per line  -> tsv_translate
     <dir>/train.txt, validation.txt, test.txt   one text per line              -> text_lm
 
-Build with `tfds build --imports flaxformer_lite.datasets tsv_translate --manual_dir <dir>
---file_format array_record --data_dir <data_dir>` (or let train.py do it). Only train is required.
+Build with `python -m flaxformer_lite.datasets tsv_translate --manual_dir <dir> --data_dir <data_dir>`
+(or let train.py do it; the `tfds build` CLI needs TensorFlow). Only train is required.
 Bad lines (not UTF-8, wrong column count, empty, longer than MAX_CHARS) are skipped, counted and
 logged; a file with no usable line is an error.
 """
