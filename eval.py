@@ -140,7 +140,8 @@ def main(argv):
         print(f"chrF {summary['chrf']:.2f}  {summary['chrf_signature']}")
         print(
             f"({summary['examples']} sentences, {summary['references_per_sentence']} references each, "
-            f"{summary['trimmed_sources']} sources trimmed to max_length)"
+            f"{summary['trimmed_sources']} sources trimmed to max_length, "
+            f"{summary['byte_fallback_tokens']} byte-fallback tokens for characters outside the vocabulary)"
         )
 
 

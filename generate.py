@@ -57,7 +57,7 @@ def run(
     if config.task not in ("translation", "lm"):
         raise ValueError(f"generate.py handles task 'translation' or 'lm', not {config.task!r}.")
     sp, model, mesh, _, params = eval_lib.load(config, workdir)
-    counts = {"lines": 0, "empty": 0, "trimmed": 0}
+    counts = {"lines": 0, "empty": 0, "trimmed": 0, "byte_fallback_tokens": 0}
     if config.task == "translation":
         decode = eval_lib.beam_decode_fn(model, beam_size, alpha, config.max_decode_length)
     else:
@@ -74,6 +74,7 @@ def run(
             out.write("\n")
             continue
         ids = sp.encode(text)
+        counts["byte_fallback_tokens"] += sum(sp.is_byte(i) for i in ids)
         limit = config.max_length - 1 if config.task == "translation" else config.max_length
         if len(ids) > limit:
             counts["trimmed"] += 1
@@ -89,9 +90,10 @@ def run(
             result = decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))
         out.write(sp.decode(decoding.strip_after_eos(result)[0]) + "\n")
         out.flush()
-    if counts["empty"] or counts["trimmed"]:
+    if counts["empty"] or counts["trimmed"] or counts["byte_fallback_tokens"]:
         trimmed = f"{counts['trimmed']} lines trimmed to {config.max_length} tokens"
-        err.write(f"{counts['empty']} empty lines, {trimmed}\n")
+        unknown = f"{counts['byte_fallback_tokens']} byte-fallback tokens (characters outside the vocabulary)"
+        err.write(f"{counts['empty']} empty lines, {trimmed}, {unknown}\n")
     return counts
 
 

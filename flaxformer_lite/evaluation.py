@@ -55,22 +55,26 @@ def translate_texts(
     mesh,
     decode_fn=None,
 ) -> tuple[list[str], int]:
-    """Greedy (or `decode_fn`) translations of `sources`; returns (texts, number trimmed)."""
+    """Greedy (or `decode_fn`) translations of `sources`; returns (texts, counts).
+
+    counts: sources trimmed to max_length, and byte-fallback tokens (characters the vocabulary lacks).
+    """
     decode_fn = decode_fn or jax.jit(lambda p, x: decoding.translate(model, p, x, max_decode_length))
-    hyps, trimmed = [], 0
+    hyps, trimmed, byte_tokens = [], 0, 0
     with jax.set_mesh(mesh):
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
             rows = np.zeros((batch_size, max_length), np.int32)
             for i, text in enumerate(chunk):
                 ids = sp.encode(text)
+                byte_tokens += sum(sp.is_byte(i) for i in ids)
                 if len(ids) >= max_length:
                     trimmed += 1
                     ids = ids[: max_length - 1]
                 rows[i, : len(ids) + 1] = ids + [EOS_ID]
             out = decode_fn(params, jax.device_put(jnp.asarray(rows), sharding.batch_sharding(mesh)))
             hyps += [sp.decode(ids) for ids in decoding.strip_after_eos(out)[: len(chunk)]]
-    return hyps, trimmed
+    return hyps, {"trimmed_sources": trimmed, "byte_fallback_tokens": byte_tokens}
 
 
 def evaluate_bleu(
@@ -92,7 +96,7 @@ def evaluate_bleu(
     examples = [source[i] for i in range(n)]
     src_texts = [references(ex, keys["inputs"])[0] for ex in examples]
     refs = [references(ex, keys["targets"]) for ex in examples]
-    hyps, trimmed = translate_texts(
+    hyps, counts = translate_texts(
         model,
         params,
         sp,
@@ -107,5 +111,5 @@ def evaluate_bleu(
     # sacrebleu layout: one list per reference index; sentences with fewer references repeat their first.
     ref_streams = [[r[j] if j < len(r) else r[0] for r in refs] for j in range(num_refs)]
     scores = metrics.bleu_and_chrf(hyps, ref_streams)
-    scores.update(examples=n, references_per_sentence=num_refs, trimmed_sources=trimmed)
+    scores.update(examples=n, references_per_sentence=num_refs, **counts)
     return {**scores, "hypotheses": hyps, "sources": src_texts, "references": ref_streams}

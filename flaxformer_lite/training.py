@@ -232,7 +232,7 @@ def train_step(
         "loss": loss / denom,
         "nll": nll / denom,
         "accuracy": correct / denom,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree_utils.tree_norm(grads),
         "learning_rate": schedule(state.step),
         "tokens": denom,
     }
