@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import eval as eval_lib
-from flaxformer_lite import checkpoint, decoding
+from flaxformer_lite import checkpoint, decoding, experiment
 from flaxformer_lite.tokenizer import EOS_ID
 
 
@@ -123,4 +123,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=experiment.parse_flags)

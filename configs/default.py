@@ -1,6 +1,32 @@
 """Defaults for every experiment; the other configs override fields of this one."""
 
+import dataclasses
+
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from flaxformer_lite.config import ModelConfig
+
+# ModelConfig fields whose default is None (or a dtype object): their override types.
+_OPTIONAL_TYPES = {
+    "num_kv_heads": int,
+    "head_dim": int,
+    "local_window": int,
+    "init_std": float,
+    "attention_impl": str,
+    "dtype": str,
+    "param_dtype": str,
+}
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+    """A typed, unset (None) slot for every ModelConfig field, so any can be set from the command line
+    (--config.model.overrides.num_kv_heads=2); unset slots keep the preset's value."""
+    slots = {}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in ("deterministic", "decode"):
+            slots[f.name] = placeholder(_OPTIONAL_TYPES.get(f.name, type(f.default)))
+    return ml_collections.ConfigDict(slots)
 
 
 def get_config():
@@ -24,7 +50,8 @@ def get_config():
     # ---- model: a preset of flaxformer_lite.config plus field overrides
     c.model = ml_collections.ConfigDict()
     c.model.preset = "transformer_base"
-    c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16"})
+    c.model.overrides = model_overrides()  # e.g. --config.model.overrides.d_model=256
+    c.model.overrides.dtype = "bfloat16"
     # ---- optimisation
     c.num_train_steps = 100_000
     c.schedule = "noam"  # noam (inverse sqrt, scaled by learning_rate) | cosine | constant

@@ -8,7 +8,7 @@ def get_config():
     c.task = "lm"
     c.dataset_name = "bible_lm"
     c.model.preset = "gpt2_small"
-    c.model.overrides = {"dtype": "bfloat16", "vocab_size": 0}  # vocab_size 0 = from the tokenizer
+    c.model.overrides.dtype = "bfloat16"  # vocab_size always comes from the tokenizer
     c.vocab_size = 16_000
     c.max_length = 1024
     c.batch_size = 32

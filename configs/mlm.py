@@ -8,7 +8,7 @@ def get_config():
     c.task = "mlm"
     c.dataset_name = "bible_lm"
     c.model.preset = "transformer_base"
-    c.model.overrides = {"dtype": "bfloat16", "pre_norm": True, "position": "learned"}
+    c.model.overrides.update({"dtype": "bfloat16", "pre_norm": True, "position": "learned"})
     c.vocab_size = 16_000
     c.schedule = "cosine"
     c.learning_rate = 3e-4

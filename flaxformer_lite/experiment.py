@@ -89,8 +89,8 @@ def tokenizer(config, workdir: str):
 
 def model_config(config, vocab_size: int) -> ModelConfig:
     """The preset with overrides; vocab from the tokenizer, max_len long enough for the data."""
-    overrides = dict(config.model.overrides)
-    overrides.pop("vocab_size", None)
+    overrides = {k: v for k, v in config.model.overrides.items() if v is not None}  # None = preset's value
+    overrides.pop("vocab_size", None)  # always the tokenizer's
     cfg = preset(config.model.preset, vocab_size=vocab_size, **overrides)
     need_len = max(config.max_length, config.max_decode_length)
     return cfg if cfg.max_len >= need_len else cfg.replace(max_len=need_len)
@@ -167,3 +167,18 @@ def optimizer(config, d_model: int):
         clip_norm=config.clip_norm or None,
     )
     return tx, schedule
+
+
+def parse_flags(argv):
+    """absl flags parser for the scripts: a bad --config.x override is a one-line error, not a traceback."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error:
+        raise  # absl prints these as one line with usage help
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        sys.exit(f"error: bad --config override: {message}")

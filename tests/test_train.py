@@ -23,15 +23,17 @@ def _config(shared, **overrides):
     c = quickstart.get_config()
     c.db_path = FIXTURE
     c.data_dir = os.path.join(shared, "tfds")
-    c.model.overrides = {
-        "d_model": 32,
-        "num_heads": 4,
-        "d_ff": 64,
-        "num_encoder_layers": 1,
-        "num_decoder_layers": 1,
-        "dropout_rate": 0.1,
-        "pre_norm": True,
-    }
+    c.model.overrides.update(
+        {
+            "d_model": 32,
+            "num_heads": 4,
+            "d_ff": 64,
+            "num_encoder_layers": 1,
+            "num_decoder_layers": 1,
+            "dropout_rate": 0.1,
+            "pre_norm": True,
+        }
+    )
     c.vocab_size = 400
     c.max_length = 32
     c.batch_size = 8
