@@ -49,6 +49,7 @@ def test_clean_verse_examples():
     assert bible.clean_verse("to Bochim. And he said, *** I took you") == "to Bochim. And he said, I took you"
     assert bible.clean_verse("auf ewig. * * *") == "auf ewig."
     assert bible.clean_verse("le #Dieu qu\u2019il") == "le Dieu qu'il"
+    assert bible.clean_verse("(32:1) Und Laban stand auf, (6:10) ging") == "Und Laban stand auf, ging"
 
 
 def test_splits_hold_out_whole_books(en_de):

@@ -31,13 +31,14 @@ INSTALL_HINT = (
 )
 
 _BRACKETS = re.compile(r"[\[\]]")  # [added words] -> added words
+_VERSE_REFS = re.compile(r"\(\d+:\d+\)")  # Schlachter, Segond, Ostervald: "(32:1)" alternative numbering
 _MARKERS = re.compile(r"(\*\s*)+|#")  # BBE/Elberfelder "* * *", Darby "#Dieu" note marks
 _SPACES = re.compile(r"\s+")
 
 
 def clean_verse(text: str) -> str:
-    """Strip editorial marks, unify apostrophes (WEB writes ``Balaam`s``), collapse whitespace."""
-    text = _MARKERS.sub(" ", _BRACKETS.sub("", text))
+    """Strip editorial marks and verse-number notes, unify apostrophes, squeeze whitespace."""
+    text = _MARKERS.sub(" ", _BRACKETS.sub("", _VERSE_REFS.sub(" ", text)))
     text = text.replace("`", "'").replace("\u2019", "'")
     return _SPACES.sub(" ", text).strip()
 
@@ -91,8 +92,11 @@ class BibleTranslate(tfds.core.GeneratorBasedBuilder):
     pipeline (`reverse_translation`), not here.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Split by book: see VALIDATION_BOOKS and TEST_BOOKS."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Split by book: see VALIDATION_BOOKS and TEST_BOOKS.",
+        "1.1.0": 'Strip "(32:1)" alternative verse numbers (Schlachter, Segond, Ostervald).',
+    }
     BUILDER_CONFIGS = [
         BibleTranslateConfig(name="en-de", source="en", target="de"),
         BibleTranslateConfig(name="en-fr", source="en", target="fr"),
@@ -158,7 +162,7 @@ class BibleLm(tfds.core.GeneratorBasedBuilder):
     One version per split: the held-out books never appear in training in any wording.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
 
     def __init__(self, *, db_path: str | None = None, **kwargs):
         self._db_path = db_path
