@@ -39,7 +39,7 @@ _SPACES = re.compile(r"\s+")
 def clean_verse(text: str) -> str:
     """Strip editorial marks and verse-number notes, unify apostrophes, squeeze whitespace."""
     text = _MARKERS.sub(" ", _BRACKETS.sub("", _VERSE_REFS.sub(" ", text)))
-    text = text.replace("`", "'").replace("\u2019", "'")
+    text = text.replace("`", "'").replace("\u2019", "'")  # WEB writes Balaam`s
     return _SPACES.sub(" ", text).strip()
 
 
