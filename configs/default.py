@@ -55,7 +55,7 @@ def get_config():
     # ---- optimisation
     c.num_train_steps = 100_000
     c.schedule = "noam"  # noam (inverse sqrt, scaled by learning_rate) | cosine | constant
-    c.learning_rate = 2.0  # noam: the formula's scale factor; cosine/constant: the peak rate
+    c.learning_rate = 1.0  # noam: scale on the formula (1.0 = the paper); cosine/constant: the peak rate
     c.warmup_steps = 4000
     c.b1 = 0.9
     c.b2 = 0.98

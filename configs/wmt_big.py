@@ -6,5 +6,4 @@ from configs import wmt_base
 def get_config():
     c = wmt_base.get_config()
     c.model.preset = "transformer_big"
-    c.learning_rate = 1.0  # big models want a smaller Noam scale
     return c

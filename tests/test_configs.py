@@ -28,7 +28,7 @@ def test_every_config_loads_validates_and_builds_a_model_config(name):
 def test_paper_hyperparameters_in_wmt_base():
     config = importlib.import_module("configs.wmt_base").get_config()
     assert (config.b1, config.b2, config.eps, config.warmup_steps) == (0.9, 0.98, 1e-9, 4000)
-    assert config.schedule == "noam" and config.label_smoothing == 0.1
+    assert config.schedule == "noam" and config.learning_rate == 1.0 and config.label_smoothing == 0.1
     cfg = experiment.model_config(config, 32000)
     assert (cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.num_encoder_layers, cfg.dropout_rate) == (
         512,
