@@ -300,3 +300,34 @@ def test_missing_database_and_unprepared_datasets(tmp_path):
 def test_unknown_split(data_dir):
     with pytest.raises(ValueError, match="has no split 'dev'"):
         ip.open_source("bible_lm", "dev", data_dir, db_path=FIXTURE)
+
+
+# ------------------------------------------------------------------ fuzzing (issue 7)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TEXT = st.one_of(
+    st.text(max_size=300),  # any unicode, including control characters, surrogate-free
+    st.text(alphabet=st.sampled_from("ab \t\n\u00e4\u65e5\u2603\x00"), max_size=2000),
+    st.binary(max_size=200).map(lambda b: b.decode("utf-8", errors="replace")),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(_TEXT, _TEXT), min_size=1, max_size=12), pack=st.booleans())
+def test_fuzz_text_to_batches_never_crashes_or_loses_tokens(sp, pairs, pack):
+    source = [
+        {"en": a.encode("utf-8", "surrogatepass"), "de": b.encode("utf-8", "surrogatepass")} for a, b in pairs
+    ]
+    tok = ip.Tokenize(sp, {"inputs": "en", "targets": "de"}, max_length=16)
+    kept = [ex for ex in (tok(s) for s in source) if all(len(v) > 1 for v in ex.values())]
+    tok = ip.Tokenize(sp, {"inputs": "en", "targets": "de"}, max_length=16)
+    ds = ip.make_dataset(
+        source, tok, batch_size=3, max_length=16, pack=pack, shuffle=False, num_epochs=1, drop_remainder=False
+    )
+    batches = list(ds)
+    assert all(b[k].shape[1] == 16 and b[k].dtype == np.int32 for b in batches for k in b)
+    for name in ("inputs", "targets"):
+        assert sorted(_sequences(batches, name)) == sorted(tuple(ex[name]) for ex in kept)
+    assert tok.stats.empty == len(source) - len(kept)
