@@ -19,7 +19,7 @@ from absl import app, flags
 
 import eval as eval_lib
 from flaxformer_lite import checkpoint, decoding, experiment
-from flaxformer_lite.tokenizer import EOS_ID
+from flaxformer_lite import input_pipeline as ip
 
 
 def define_flags() -> None:
@@ -58,6 +58,7 @@ def run(
         raise ValueError(f"generate.py handles task 'translation' or 'lm', not {config.task!r}.")
     sp, model, mesh, _, params = eval_lib.load(config, workdir)
     counts = {"lines": 0, "empty": 0, "trimmed": 0, "byte_fallback_tokens": 0}
+    tokenize = ip.Tokenize(sp, {"inputs": "text"}, config.max_length)  # translation sources
     if config.task == "translation":
         decode = eval_lib.beam_decode_fn(model, beam_size, alpha, config.max_decode_length)
     else:
@@ -73,23 +74,20 @@ def run(
             counts["empty"] += 1
             out.write("\n")
             continue
-        ids = sp.encode(text)
-        counts["byte_fallback_tokens"] += sum(sp.is_byte(i) for i in ids)
-        limit = config.max_length - 1 if config.task == "translation" else config.max_length
-        if len(ids) > limit:
-            counts["trimmed"] += 1
-            ids = ids[:limit] if config.task == "translation" else ids[-limit:]
         if config.task == "translation":
-            x = (
-                jnp.zeros((1, config.max_length), jnp.int32)
-                .at[0, : len(ids) + 1]
-                .set(jnp.array(ids + [EOS_ID]))
-            )
-            result = decode(params, x)
-        else:
+            ids = tokenize({"text": text})["inputs"]  # ids + EOS, trimmed and counted
+            result = decode(params, jnp.zeros((1, config.max_length), jnp.int32).at[0, : len(ids)].set(ids))
+        else:  # a prompt: no EOS, and a long one keeps its end
+            ids = sp.encode(text)
+            counts["byte_fallback_tokens"] += sum(sp.is_byte(t) for t in ids)
+            if len(ids) > config.max_length:
+                counts["trimmed"] += 1
+                ids = ids[-config.max_length :]
             result = decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))
         out.write(sp.decode(decoding.strip_after_eos(result)[0]) + "\n")
         out.flush()
+    counts["trimmed"] += tokenize.stats.trimmed
+    counts["byte_fallback_tokens"] += tokenize.stats.byte_fallback_tokens
     if counts["empty"] or counts["trimmed"] or counts["byte_fallback_tokens"]:
         trimmed = f"{counts['trimmed']} lines trimmed to {config.max_length} tokens"
         unknown = f"{counts['byte_fallback_tokens']} byte-fallback tokens (characters outside the vocabulary)"

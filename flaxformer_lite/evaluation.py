@@ -10,12 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite import decoding, metrics, sharding, training
-from flaxformer_lite.tokenizer import EOS_ID
+from flaxformer_lite import input_pipeline as ip
+
+# Jitted once per (model, task): Linen modules hash by value, so repeated evaluations during
+# training reuse the compiled programs instead of recompiling for every new closure.
+_eval_step = jax.jit(training.eval_step, static_argnames=("model", "task"))
+_greedy_translate = jax.jit(
+    lambda params, inputs, *, model, max_len: decoding.translate(model, params, inputs, max_len),
+    static_argnames=("model", "max_len"),
+)
 
 
 def evaluate_loss(params, model, task: str, batches, mesh, max_batches: int = 0) -> dict:
     """Token-level NLL, perplexity and accuracy over `batches` (all of them if max_batches is 0)."""
-    step = jax.jit(functools.partial(training.eval_step, model=model, task=task))
+    step = functools.partial(_eval_step, model=model, task=task)
     totals = {"nll_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
     it = batches if not max_batches else itertools.islice(batches, max_batches)
     with jax.set_mesh(mesh):
@@ -54,27 +62,26 @@ def translate_texts(
     batch_size: int,
     mesh,
     decode_fn=None,
-) -> tuple[list[str], int]:
+) -> tuple[list[str], dict]:
     """Greedy (or `decode_fn`) translations of `sources`; returns (texts, counts).
 
     counts: sources trimmed to max_length, and byte-fallback tokens (characters the vocabulary lacks).
     """
-    decode_fn = decode_fn or jax.jit(lambda p, x: decoding.translate(model, p, x, max_decode_length))
-    hyps, trimmed, byte_tokens = [], 0, 0
+    if decode_fn is None:
+        decode_fn = functools.partial(_greedy_translate, model=model, max_len=max_decode_length)
+    tokenize = ip.Tokenize(sp, {"inputs": "text"}, max_length)  # ids + EOS, trimmed and counted
+    hyps = []
     with jax.set_mesh(mesh):
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
             rows = np.zeros((batch_size, max_length), np.int32)
-            for i, text in enumerate(chunk):
-                ids = sp.encode(text)
-                byte_tokens += sum(sp.is_byte(i) for i in ids)
-                if len(ids) >= max_length:
-                    trimmed += 1
-                    ids = ids[: max_length - 1]
-                rows[i, : len(ids) + 1] = ids + [EOS_ID]
+            for row, text in enumerate(chunk):
+                ids = tokenize({"text": text})["inputs"]
+                rows[row, : len(ids)] = ids
             out = decode_fn(params, jax.device_put(jnp.asarray(rows), sharding.batch_sharding(mesh)))
             hyps += [sp.decode(ids) for ids in decoding.strip_after_eos(out)[: len(chunk)]]
-    return hyps, {"trimmed_sources": trimmed, "byte_fallback_tokens": byte_tokens}
+    stats = tokenize.stats
+    return hyps, {"trimmed_sources": stats.trimmed, "byte_fallback_tokens": stats.byte_fallback_tokens}
 
 
 def evaluate_bleu(
