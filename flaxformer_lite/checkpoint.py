@@ -8,6 +8,7 @@ is not "corrupt" but a config mismatch: that raises an error naming the paramete
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import grain
@@ -18,6 +19,10 @@ from absl import logging
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written by a different model or config."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
 
 
 def _path_str(path) -> str:
@@ -70,13 +75,43 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with self._write_errors(step):
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._write_errors(self.manager.latest_step()):
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step):
+        try:
+            yield
+        except OSError as e:  # disk full, quota, permissions: say which step and what is kept
+            raise CheckpointWriteError(
+                f"writing the checkpoint of step {step} to {self.directory!r} failed ({e.strerror or e}); "
+                f"the complete checkpoints {self.steps()} are kept. Free space (or fix the directory) "
+                "and rerun the same command to resume."
+            ) from e
+
+    @contextlib.contextmanager
+    def finishing_saves(self):
+        """On any error (or Ctrl-C) inside the block, let in-flight saves of good steps complete."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001  (report the original error, not this one)
+                logging.warning("an in-flight checkpoint save failed too: %s", e)
+            raise
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def describe_latest(self) -> str:
+        """'step N in DIR' for the newest checkpoint started so far, for error messages."""
+        step = self.manager.latest_step()
+        return f"step {step} in {self.directory}" if step is not None else f"none yet in {self.directory}"
 
     def restore(self, abstract_state, data_iterator=None, step: int | None = None):
         """(step, state) from the newest readable checkpoint (or `step`); None if there is none.
@@ -138,7 +173,7 @@ class Checkpointer:
             return None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

@@ -144,17 +144,21 @@ def make_dataset(
     shard_count: int = 1,
     drop_remainder: bool = True,
 ) -> grain.IterDataset:
-    """Per-host batches of `batch_size` rows; this host reads only records shard_index::shard_count.
+    """Per-host batches of `batch_size` rows; this host reads only its rows of each global batch.
 
-    Shuffling is a seeded permutation, reshuffled each epoch; the order depends only on the seed
-    and the shard. `num_epochs=None` repeats forever (training).
+    The record stream is one seeded global permutation per epoch (the same on every host). Of
+    each block of `shard_count * batch_size` records, host i reads the i-th `batch_size`. So with
+    padded batches the hosts' batches stacked in host order are exactly the single-host batch,
+    row for row, whatever the host count (packing happens per host, so packed rows depend on it).
+    `num_epochs=None` repeats forever (training).
     """
     if len(source) < shard_count:
         raise ValueError(f"the split has {len(source)} examples, fewer than the {shard_count} data shards.")
-    ds = grain.MapDataset.source(source).slice(slice(shard_index, None, shard_count))
+    ds = grain.MapDataset.source(source)
     if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(tokenize).filter(tokenize.keep)
+        ds = ds.shuffle(seed=seed)  # before repeat: reshuffled (differently seeded) each epoch
+    ds = _host_rows(ds.repeat(num_epochs), batch_size, shard_index, shard_count)
+    ds = ds.map(tokenize).filter(tokenize.keep)
     it = ds.to_iter_dataset()
     if pack:
         it = grain.experimental.FirstFitPackIterDataset(
@@ -166,6 +170,16 @@ def make_dataset(
     else:
         it = it.map(lambda ex: _pad(ex, max_length))
     return it.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def _host_rows(ds: grain.MapDataset, rows: int, index: int, count: int) -> grain.MapDataset:
+    """Records [index * rows, (index + 1) * rows) of every block of count * rows records of `ds`."""
+    if count == 1:
+        return ds
+    block = count * rows
+    full, rest = divmod(len(ds), block)  # len is sys.maxsize for an endless dataset
+    size = full * rows + min(max(rest - index * rows, 0), rows)
+    return grain.MapDataset.range(size).map(lambda j: ds[(j // rows) * block + index * rows + j % rows])
 
 
 def training_texts(source, features: list[str], max_examples: int = 2_000_000):

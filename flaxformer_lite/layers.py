@@ -38,6 +38,7 @@ class Dense(nn.Module):
     axes: tuple[str, ...]
     config: ModelConfig
     in_axes: int = 1
+    constant_bias: bool = False  # the bias provably has zero gradient: apply it without one
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -59,14 +60,16 @@ class Dense(nn.Module):
         if cfg.use_bias:
             zeros = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_axes :])
             bias = self.param("bias", zeros, self.features, cfg.param_dtype)
+            if self.constant_bias:  # its true gradient is 0; Adam would amplify round-off into steps
+                bias = jax.lax.stop_gradient(bias)
             y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - len(self.features)) + self.features)
         return y
 
 
-def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, in_axes: int = 1) -> Dense:
+def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, in_axes: int = 1, **kw) -> Dense:
     """A `Dense` to `features` (an int or a tuple) with logical `axes` (input axes first)."""
     features = features if isinstance(features, tuple) else (features,)
-    return Dense(features, axes, cfg, in_axes, name=name)
+    return Dense(features, axes, cfg, in_axes, name=name, **kw)
 
 
 class Norm(nn.Module):
@@ -157,7 +160,10 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = dense(cfg, (N, H), (EMBED, HEADS, KV), "query")(x)  # [B, T, N, H]
-        key = dense(cfg, (K, H), (EMBED, KV_HEADS, KV), "key")
+        # A key bias adds q.b to every logit of a query alike, which softmax ignores, so its gradient
+        # is exactly 0 (unless RoPE rotates it per position); it exists only for checkpoints (GPT-2).
+        constant = cfg.position != "rope"
+        key = dense(cfg, (K, H), (EMBED, KV_HEADS, KV), "key", constant_bias=constant)
         value = dense(cfg, (K, H), (EMBED, KV_HEADS, KV), "value")
         mask = bias = None
         if self.cross:

@@ -238,6 +238,24 @@ def test_hosts_read_disjoint_shards(en_de, sp):
     assert sorted(seqs[0] + seqs[1]) == sorted(tuple(ex["targets"]) for ex in examples)
 
 
+def test_two_hosts_together_read_the_single_host_batches(en_de, sp):
+    """Padded, shuffled, across an epoch boundary: host batches stacked are the 1-host batch."""
+    source = en_de["validation"]
+
+    def batches(index, count):
+        tok, _ = _tokenized(source, sp)
+        ds = ip.make_dataset(
+            source, tok, batch_size=6 // count, max_length=MAX_LEN, pack=False, seed=3,
+            shard_index=index, shard_count=count,
+        )  # fmt: skip
+        it = iter(ds)
+        return [next(it)["targets"] for _ in range(len(source) // 6 + 3)]
+
+    single, hosts = batches(0, 1), [batches(i, 2) for i in range(2)]
+    for step, want in enumerate(single):
+        np.testing.assert_array_equal(np.concatenate([hosts[0][step], hosts[1][step]]), want, err_msg=step)
+
+
 def test_lm_builder_and_reversed_keys(data_dir):
     lm = ip.open_source("bible_lm", "test", data_dir, db_path=FIXTURE)
     assert {ex["text"].decode() for ex in lm} == set(_raw("4", bible.TEST_BOOKS).values())

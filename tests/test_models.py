@@ -307,3 +307,23 @@ def test_presets_by_name():
     assert fl.preset("tiny", position="rope").position == "rope"
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
         fl.preset("gpt5")
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_key_bias_changes_nothing_unless_rope_rotates_it(position):
+    """Softmax ignores q.b added to all of a query's logits: such a key bias gets no gradient."""
+    cfg = fl.tiny(position=position, use_bias=True, pre_norm=True)
+    model, tokens = fl.DecoderOnly(cfg), _tokens((B, L))
+    params = nn.unbox(_init(model, tokens))
+    is_key_bias = lambda path, _: [k.key for k in path[-2:]] == ["key", "bias"]  # noqa: E731
+    shifted = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.5 if is_key_bias(p, x) else x, params
+    )  # fmt: skip
+    same = np.allclose(
+        _apply(model, {"params": params}, tokens), _apply(model, {"params": shifted}, tokens), atol=1e-5
+    )
+    assert same == (position != "rope")
+    loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(params)
+    key_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if is_key_bias(path, g)]
+    assert key_grads and all(bool(jnp.all(g == 0)) == (position != "rope") for g in key_grads)

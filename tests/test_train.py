@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 import train
-from configs import quickstart
-
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bible_small.db")
+from tests import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -20,33 +18,8 @@ def shared(tmp_path_factory):
 
 
 def _config(shared, **overrides):
-    c = quickstart.get_config()
-    c.db_path = FIXTURE
+    c = tiny_config.get_config()
     c.data_dir = os.path.join(shared, "tfds")
-    c.model.overrides.update(
-        {
-            "d_model": 32,
-            "num_heads": 4,
-            "d_ff": 64,
-            "num_encoder_layers": 1,
-            "num_decoder_layers": 1,
-            "dropout_rate": 0.1,
-            "pre_norm": True,
-        }
-    )
-    c.vocab_size = 400
-    c.max_length = 32
-    c.batch_size = 8
-    c.num_train_steps = 12
-    c.schedule = "constant"  # the same schedule whatever num_train_steps is (for resume tests)
-    c.learning_rate = 3e-3
-    c.log_every = 1
-    c.eval_every = 0
-    c.eval_batches = 2
-    c.bleu_examples = 8
-    c.max_decode_length = 8
-    c.checkpoint_every = 3
-    c.async_checkpoints = False
     for k, v in overrides.items():
         setattr(c, k, v)
     return c
