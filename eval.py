@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -130,9 +129,8 @@ def main(argv):
             batch_size=flags.FLAGS.batch_size,
             step=None if flags.FLAGS.checkpoint_step < 0 else flags.FLAGS.checkpoint_step,
         )
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except experiment.USER_ERRORS as e:
+        experiment.exit_with_error(e)
     logging.info("summary: %s", summary)
     print(f"{summary['split']} (step {summary['checkpoint_step']}): perplexity {summary['perplexity']:.2f}")
     if "bleu" in summary:

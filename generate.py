@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import eval as eval_lib
-from flaxformer_lite import checkpoint, decoding, experiment
+from flaxformer_lite import decoding, experiment
 from flaxformer_lite import input_pipeline as ip
 
 
@@ -114,9 +114,8 @@ def main(argv):
             max_new_tokens=f.max_new_tokens,
             seed=f.seed,
         )
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except experiment.USER_ERRORS as e:
+        experiment.exit_with_error(e)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 import time
 
 import jax
@@ -157,8 +156,8 @@ def check_room_for_checkpoints(state, workdir: str, keep: int) -> None:
     free = shutil.disk_usage(workdir).free
     if free < need:
         raise TrainingError(
-            f"workdir {workdir!r} has {free / 2**20:.0f} MiB free but {keep + 1} checkpoints of "
-            f"{size / 2**20:.0f} MiB need {need / 2**20:.0f} MiB; free space, lower keep_checkpoints, "
+            f"workdir {workdir!r} has {free / 2**20:.1f} MiB free but {keep + 1} checkpoints of "
+            f"{size / 2**20:.1f} MiB need {need / 2**20:.1f} MiB; free space, lower keep_checkpoints, "
             "or pick another --workdir."
         )
 
@@ -294,7 +293,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if step % config.log_every == 0 or is_last:
                     logger.write(step, "train", summary)
                     bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
-            ckpt.save(step, state, train_iter, config_json, force=is_last)
+            if step % config.checkpoint_every == 0 or is_last:
+                ckpt.save(step, state, train_iter, config_json, force=is_last)
             if config.eval_every and step % config.eval_every == 0 and not is_last:
                 with_bleu = bool(config.bleu_every) and step % config.bleu_every == 0
                 result = evaluate(config, workdir, sp, model, state.params, mesh, with_bleu)
@@ -324,10 +324,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (TrainingError, ValueError, OSError) as e:  # OSError: missing files, disk full
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (TrainingError, *experiment.USER_ERRORS) as e:
+        experiment.exit_with_error(e)
 
 
 def define_flags() -> None:

@@ -65,6 +65,7 @@ class Checkpointer:
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         }
+        self._saving = None  # the step whose (async) save may still be in flight
         # Handlers registered up front so a new process can read metadata before any save.
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -75,22 +76,30 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
+        self.wait()  # an error of the previous (async) save surfaces here, under its own step
         with self._write_errors(step):
-            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._saving = step if saved else None
+        return saved
 
     def wait(self) -> None:
-        with self._write_errors(self.manager.latest_step()):
+        """Block until the save in flight (if any) is complete."""
+        with self._write_errors(self._saving):
             self.manager.wait_until_finished()
+        self._saving = None
 
     @contextlib.contextmanager
     def _write_errors(self, step):
         try:
             yield
-        except OSError as e:  # disk full, quota, permissions: say which step and what is kept
+        except Exception as e:  # disk full, quota, permissions (tensorstore reports them as ValueError)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            kept = (
+                f"the complete checkpoints {self.steps()} are kept" if self.steps() else "none was complete"
+            )
             raise CheckpointWriteError(
-                f"writing the checkpoint of step {step} to {self.directory!r} failed ({e.strerror or e}); "
-                f"the complete checkpoints {self.steps()} are kept. Free space (or fix the directory) "
-                "and rerun the same command to resume."
+                f"writing the checkpoint of step {step} to {self.directory!r} failed ({reason}); {kept}. "
+                "Free space (or fix the directory) and rerun the same command to resume."
             ) from e
 
     @contextlib.contextmanager
@@ -100,9 +109,9 @@ class Checkpointer:
             yield
         except BaseException:
             try:
-                self.manager.wait_until_finished()
+                self.manager.close()  # waits for in-flight saves, stops orbax's threads
             except Exception as e:  # noqa: BLE001  (report the original error, not this one)
-                logging.warning("an in-flight checkpoint save failed too: %s", e)
+                logging.warning("an in-flight checkpoint save failed too: %s", str(e).splitlines()[0])
             raise
 
     def steps(self) -> list[int]:

@@ -176,9 +176,33 @@ def parse_flags(argv):
     from absl import flags
 
     try:
-        return flags.FLAGS(argv)
-    except flags.Error:
-        raise  # absl prints these as one line with usage help
+        argv = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            flags.FLAGS.config.keys()  # a config file that failed to load raises here, not later
+        return argv
+    except OSError as e:
+        sys.exit(f"error: cannot load --config: {_one_line(e.__cause__ or e)}")
+    except flags.Error as e:  # a missing required flag, a value of the wrong type, a bad config file
+        sys.exit(f"error: {_one_line(e)} (see {os.path.basename(argv[0])} --helpfull)")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-        sys.exit(f"error: bad --config override: {message}")
+        sys.exit(f"error: bad --config override: {_one_line(e)}")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)  # KeyError quotes its message
+    text = text.replace("\\n", "\n").replace("\\'", "'")
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+# What a user can fix (bad config, missing or bad files, a full disk): one line, no traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def exit_with_error(e: BaseException) -> None:
+    """Print `error: <one line>` to stderr and end the process with status 1."""
+    import sys
+
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # everything is saved or closed by now; skip the shutdown noise of orbax's threads

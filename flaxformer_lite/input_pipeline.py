@@ -57,7 +57,8 @@ def supervised_keys(name: str, data_dir: str, reverse: bool = False, **builder_k
     return (keys[1], keys[0]) if reverse else tuple(keys)
 
 
-def _builder(name: str, data_dir: str, **builder_kwargs):
+def _builder(name: str, data_dir: str, manual_dir: str | None = None, **builder_kwargs):
+    del manual_dir  # read only when preparing (open_source); not a builder argument
     try:
         return tfds.builder(name, data_dir=data_dir, file_format="array_record", **builder_kwargs)
     except tfds.core.registered.DatasetNotFoundError as e:

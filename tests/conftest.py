@@ -13,21 +13,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-import contextlib  # noqa: E402
-import fcntl  # noqa: E402
-
 import pytest  # noqa: E402
 
-
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive lock shared by all pytest-xdist workers (for work done once per session)."""
-    with open(f"{path}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+from tests.runs import prepared, reference  # noqa: E402, F401  (session fixtures: real train.py runs)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,12 @@
 FAULT_KILL_IN_COMMIT_OF_STEP=N: the process SIGKILLs itself while committing the checkpoint of
 step N, after every file of it is written to orbax's temporary directory and before the rename
 that makes it a checkpoint (the moment a crash is most likely to leave a half-made checkpoint).
+FAULT_MAX_FILE_BYTES=N: no file may grow past N bytes (RLIMIT_FSIZE), so writes fail the way
+they do on a full disk, with an OSError from the kernel.
 """
 
 import os
+import resource
 import signal
 
 from absl import app
@@ -28,5 +31,9 @@ async def _finalize_or_die(self, *args, **kwargs):
 
 if __name__ == "__main__":
     atomicity.AtomicRenameTemporaryPath.finalize = _finalize_or_die
+    if "FAULT_MAX_FILE_BYTES" in os.environ:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a dead process
+        limit = int(os.environ["FAULT_MAX_FILE_BYTES"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     train.define_flags()
     app.run(train.main, flags_parser=experiment.parse_flags)

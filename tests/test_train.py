@@ -64,15 +64,6 @@ def test_run_writes_everything_and_loss_falls(straight):
     assert final["perplexity"] == pytest.approx(np.exp(final["nll"]))
 
 
-def test_resume_gives_the_uninterrupted_loss_curve(shared, straight, tmp_path):
-    workdir = str(tmp_path / "resumed")
-    _run(shared, workdir, num_train_steps=6)  # "crash" after step 6 (checkpoint at 6)
-    _run(shared, workdir)  # rerun the same command with the full step count
-    want, got = _train_curve(straight[0]), _train_curve(workdir)
-    assert sorted(got) == list(range(1, 13))
-    np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], rtol=1e-5)
-
-
 def test_corrupt_latest_checkpoint_falls_back_to_previous(shared, straight, tmp_path, caplog):
     workdir = str(tmp_path / "corrupt")
     shutil.copytree(straight[0], workdir)
@@ -103,14 +94,45 @@ def _model(overrides):
     return ml_collections.ConfigDict({"preset": "transformer_base", "overrides": overrides})
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(shared, tmp_path):
+def test_nan_at_a_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(shared, tmp_path, monkeypatch):
+    """Step 7 yields NaN (loss and params), as a poisoned batch would; nothing after 6 is saved."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxformer_lite import training
+
+    real_step = training.train_step
+
+    def poisoned_step(state, batch, rng, **kwargs):
+        new_state, metrics = real_step(state, batch, rng, **kwargs)
+        nan = jnp.where(state.step == 6, jnp.nan, 0.0)  # state.step counts finished steps
+        params = jax.tree.map(lambda p: p + nan.astype(p.dtype), new_state.params)
+        return new_state.replace(params=params), dict(metrics, loss=metrics["loss"] + nan)
+
+    monkeypatch.setattr(training, "train_step", poisoned_step)
     workdir = str(tmp_path / "nan")
+    # Metrics are fetched every 5 steps and at checkpoints (every 3): the NaN of step 7 is seen at
+    # step 9, before step 9 is saved.
     with pytest.raises(
-        train.TrainingError, match=r"loss became (nan|inf) at step \d+; the last good checkpoint"
+        train.TrainingError, match=r"loss became nan at step 7; the last good checkpoint \(step 6"
     ):
-        _run(shared, workdir, learning_rate=1e12, num_train_steps=30, checkpoint_every=2)
-    # Nothing saved after the bad step: every kept checkpoint predates it.
-    assert os.path.isdir(os.path.join(workdir, "checkpoints"))
+        _run(shared, workdir, log_every=5)
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [3, 6]
+    monkeypatch.setattr(training, "train_step", real_step)
+    _run(shared, workdir)  # rerun: resumes from step 6 and finishes with finite losses
+    assert np.all(np.isfinite(list(_train_curve(workdir).values())))
+
+
+def test_too_little_disk_for_the_checkpoints_fails_before_training(shared, tmp_path, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(1, 0, train.MIN_FREE_BYTES + 10))
+    with pytest.raises(
+        train.TrainingError, match=r"MiB free but 4 checkpoints of .* MiB need .*keep_checkpoints"
+    ):
+        _run(shared, str(tmp_path / "small_disk"))
+    assert not os.path.exists(tmp_path / "small_disk" / "checkpoints")
 
 
 def test_unwritable_workdir_fails_before_training(tmp_path, shared):
@@ -176,3 +198,29 @@ def test_generate_cli_translates_each_line_and_counts_bad_input(shared, straight
     assert counts["byte_fallback_tokens"] >= 2  # 日 and 本 are not in a 400-piece Bible vocabulary
     assert len(out.getvalue().split("\n")) == 5 and out.getvalue().split("\n")[1] == ""
     assert "1 empty lines, 1 lines trimmed" in err.getvalue()
+
+
+@pytest.mark.parametrize("task", ["translation", "lm"])
+def test_users_own_text_files_train_end_to_end(tmp_path, task):
+    """tsv_translate / text_lm from a folder, bad lines skipped (and counted by the builder)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [f"sentence number {i} of the corpus\tSatz Nummer {i} des Korpus" for i in range(300)]
+    if task == "lm":
+        lines = [line.split("\t")[0] for line in lines]
+    suffix = ".tsv" if task == "translation" else ".txt"
+    (corpus / f"train{suffix}").write_bytes(("\n".join(lines[:250]) + "\n").encode() + b"\xff bad\n")
+    (corpus / f"validation{suffix}").write_text("\n".join(lines[250:]) + "\n")
+    config = tiny_config.get_config()
+    config.update(
+        task=task,
+        dataset_name="tsv_translate" if task == "translation" else "text_lm",
+        manual_dir=str(corpus),
+        data_dir=str(tmp_path / "tfds"),
+        vocab_size=300,
+        num_train_steps=4,
+        checkpoint_every=4,
+        bleu_examples=4,
+    )
+    final = train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert np.isfinite(final["nll"]) and (task == "lm" or "bleu" in final)

@@ -1,0 +1,93 @@
+"""Bad input to the command-line tools: one line on stderr naming the problem and the fix, exit 1.
+
+Each case runs the real script as a user would. A traceback or a multi-line error fails the test.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import runs
+
+pytestmark = pytest.mark.slow
+
+
+def _tsv_corpus(folder, validation_lines):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train.tsv"), "wb") as f:
+        f.write(b"In the beginning\tIm Anfang\n" * 40)
+        f.write(b"bad \xff\xfe bytes\tnot utf-8\n")  # skipped and counted, not fatal
+        f.write(b"x" * 30_000 + b"\ty\n")  # longer than any sentence: skipped and counted
+    with open(os.path.join(folder, "validation.tsv"), "wb") as f:
+        f.write(validation_lines)
+
+
+CASES = {  # name: (script, extra flags, what the one line must say)
+    "unknown config key": ("train.py", ["--config.batch_sise=8"], 'Did you mean "batch_size"'),
+    "wrong type": ("train.py", ["--config.batch_size=eight"], "--config.batch_size=eight: invalid literal"),
+    "missing config file": (
+        "train.py",
+        ["--config=configs/nope.py"],
+        "cannot load --config: .*No such file or directory: 'configs/nope.py'",
+    ),
+    "bad config value": (
+        "train.py",
+        ["--config.grad_accum_steps=3"],
+        "must be divisible by grad_accum_steps",
+    ),
+    "missing dataset": ("train.py", ["--config.dataset_name=nope/x"], "dataset 'nope/x' is not one of ours"),
+    "empty eval split": (
+        "train.py",
+        ["--config.dataset_name=tsv_translate", "--config.manual_dir={tmp}/corpus"],
+        "validation.tsv' has no usable lines .*1 not UTF-8",
+    ),
+    "eval of another architecture": (
+        "eval.py",
+        ["--workdir={reference}", "--config.model.overrides.d_ff=48"],
+        r"parameter 'params/.*mlp/wi/bias' has shape \(64,\) in the checkpoint but \(48,\) in the model",
+    ),
+    "eval of an unknown split": ("eval.py", ["--workdir={reference}", "--split=dev"], "has no split 'dev'"),
+    "eval without training": ("eval.py", [], "no spm.model in .*train.py run"),
+    "generate without training": ("generate.py", [], "no spm.model in .*train.py run"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_line_and_exit_1(case, prepared, reference, tmp_path):
+    import re
+
+    script, extra, expected = CASES[case]
+    _tsv_corpus(tmp_path / "corpus", b"\xff\xfe\n")  # validation: only a non-UTF-8 line
+    fill = dict(tmp=tmp_path, reference=reference)
+    args = [
+        sys.executable,
+        script,
+        "--config=tests/tiny_config.py",
+        f"--config.data_dir={tmp_path / 'tfds'}"
+        if "manual_dir" in str(extra)
+        else f"--config.data_dir={prepared[0]}",
+        f"--workdir={tmp_path / 'work'}",
+        *[x.format(**fill) for x in extra],
+    ]
+    proc = subprocess.run(
+        args,
+        cwd=runs.ROOT,
+        env=runs.environment(),
+        capture_output=True,
+        text=True,
+        timeout=runs.TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    log_line = re.compile(r"^[IWEF]\d{4} ")  # absl log records (library warnings) are not ours
+    progress = ("train:", "Generating", "Shuffling")
+    ours = [
+        x
+        for x in proc.stderr.splitlines()
+        if x.strip() and not log_line.match(x) and not x.startswith(progress)
+    ]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(ours) == 1 and ours[0].startswith("error: "), ours
+    assert re.search(expected, ours[0]), ours[0]
