@@ -4,6 +4,7 @@
         --workdir=runs/quickstart                      # translation: beam search
     echo "And God said" | python generate.py --config=configs/gpt2_small.py --workdir=runs/lm \
         --temperature=0.8 --top_p=0.9                  # language model: sampled continuation
+    echo "Hello, my dog" | python generate.py --hf_dir=path/to/gpt2   # a HuggingFace checkpoint
 
 One output line per input line. Empty lines give empty outputs; lines longer than the config's
 max_length are trimmed; both are counted on stderr.
@@ -35,7 +36,14 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "LM: nucleus sampling mass.")
     flags.DEFINE_integer("max_new_tokens", 64, "LM: tokens to generate per prompt.")
     flags.DEFINE_integer("seed", 0, "LM: sampling seed.")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.DEFINE_string(
+        "hf_dir", None, "A transformers GPT-2/LLaMA checkpoint dir (instead of config+workdir)."
+    )
+    flags.register_multi_flags_validator(
+        ["config", "workdir", "hf_dir"],
+        lambda v: bool(v["hf_dir"]) or (v["config"] is not None and bool(v["workdir"])),
+        "pass --config and --workdir (a model trained here) or --hf_dir (an imported checkpoint)",
+    )
 
 
 def run(
@@ -95,11 +103,50 @@ def run(
     return counts
 
 
+def run_hf(hf_dir: str, lines, out, *, max_new_tokens=64, seed=0, **sample_kwargs) -> dict:
+    """LM continuations of `lines` from a transformers checkpoint dir (with its tokenizer)."""
+    import json
+    import os
+
+    from flaxformer_lite import interop
+    from flaxformer_lite.models import DecoderOnly
+
+    cfg, params = interop.from_hf(hf_dir)
+    tok = interop.load_tokenizer(hf_dir)
+    eos = json.load(open(os.path.join(hf_dir, "config.json"))).get("eos_token_id")
+    eos = eos if isinstance(eos, int) else -1  # -1: generate max_new_tokens, never stop early
+    model = DecoderOnly(cfg)
+    decode = jax.jit(
+        lambda p, x, k: decoding.lm_generate(
+            model, p, x, max_new_tokens, start_id=None, rng=k, eos_id=eos, **sample_kwargs
+        )
+    )
+    counts = {"lines": 0, "empty": 0, "trimmed": 0}
+    for i, line in enumerate(lines):
+        counts["lines"] += 1
+        ids = tok.encode(line.rstrip("\n"))
+        if not ids:
+            counts["empty"] += 1
+            out.write("\n")
+            continue
+        if len(ids) + max_new_tokens > cfg.max_len:  # keep the prompt's end within the positions
+            counts["trimmed"] += 1
+            ids = ids[-(cfg.max_len - max_new_tokens) :]
+        new = [int(t) for t in decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))[0]]
+        out.write(tok.decode(new[: new.index(eos)] if eos in new else new).replace("\n", " ") + "\n")
+        out.flush()
+    return counts
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     try:
+        if f.hf_dir:
+            sample = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
+            run_hf(f.hf_dir, sys.stdin, sys.stdout, max_new_tokens=f.max_new_tokens, seed=f.seed, **sample)
+            return
         run(
             f.config,
             f.workdir,

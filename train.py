@@ -14,15 +14,16 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import tqdm
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from flaxformer_lite import checkpoint, evaluation, experiment, sharding, training
 from flaxformer_lite import input_pipeline as ip
 
 MIN_FREE_BYTES = 200 * 2**20
+PREPARE_TIMEOUT_S = 3 * 3600  # other processes wait this long for process 0's data preparation
 
 
 class _QuietLibraries:
@@ -145,7 +146,8 @@ def prepare_tokenizer(config, workdir: str):
     """
     if jax.process_index() == 0:
         sp = experiment.tokenizer(config, workdir)
-    multihost_utils.sync_global_devices("tokenizer ready")
+    # A barrier of the distributed runtime (not a device collective, which times out in seconds).
+    ocp.multihost.sync_global_processes("flaxformer_lite:tokenizer_ready", timeout=PREPARE_TIMEOUT_S)
     return sp if jax.process_index() == 0 else experiment.tokenizer(config, workdir)
 
 

@@ -249,21 +249,28 @@ def translate_beam(
     return seqs[:, 0]
 
 
-def lm_generate(model, params, prompt: jax.Array, max_new: int, **sample_kwargs) -> jax.Array:
-    """[B, P] prompt ids (same length, P >= 0) -> [B, max_new] continuation from a DecoderOnly.
+def lm_generate(
+    model, params, prompt: jax.Array, max_new: int, *, start_id: int | None = PAD_ID, **sample_kwargs
+) -> jax.Array:
+    """[B, P] prompt ids (same length) -> [B, max_new] continuation from a DecoderOnly.
 
-    The model was trained on shift_right(tokens), so the prompt is fed behind the pad/BOS id 0:
-    prefill [0, p_1 .. p_{P-1}] in one call, then sample token by token from p_P.
+    Our models are trained on shift_right(tokens), so the prompt is fed behind `start_id` (the
+    pad/BOS id 0): prefill [0, p_1 .. p_{P-1}] in one call, then sample token by token from p_P.
+    Imported HuggingFace models take the prompt alone (`start_id=None`, P >= 1).
     """
     decoder = model.clone(config=model.config.replace(decode=True, deterministic=True))
+    if start_id is not None:
+        prompt = jnp.concatenate([jnp.full((prompt.shape[0], 1), start_id, jnp.int32), prompt], axis=1)
     B, P = prompt.shape
-    _, state = decoder.apply({"params": params}, jnp.zeros((B, P + max_new), jnp.int32), mutable=["cache"])
-    cache = state["cache"]
-    first = jnp.full((B,), PAD_ID, jnp.int32)
-    if P:
-        prefill = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), prompt[:, :-1]], axis=1)
-        _, new = decoder.apply({"params": params, "cache": cache}, prefill, mutable=["cache"])
-        cache, first = new["cache"], prompt[:, -1]
+    if P == 0:
+        raise ValueError("an empty prompt needs a start_id to begin from.")
+    _, state = decoder.apply(
+        {"params": params}, jnp.zeros((B, P - 1 + max_new), jnp.int32), mutable=["cache"]
+    )
+    cache, first = state["cache"], prompt[:, -1]
+    if P > 1:
+        _, new = decoder.apply({"params": params, "cache": cache}, prompt[:, :-1], mutable=["cache"])
+        cache = new["cache"]
 
     def step_fn(tokens, cache):
         logits, new = decoder.apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
