@@ -147,7 +147,8 @@ def prepare_tokenizer(config, workdir: str):
     if jax.process_index() == 0:
         sp = experiment.tokenizer(config, workdir)
     # A barrier of the distributed runtime (not a device collective, which times out in seconds).
-    ocp.multihost.sync_global_processes("flaxformer_lite:tokenizer_ready", timeout=PREPARE_TIMEOUT_S)
+    barrier = ocp.multihost.get_barrier_sync_fn()  # a no-op with one process
+    barrier(key="flaxformer_lite:tokenizer_ready", timeout_ms=PREPARE_TIMEOUT_S * 1000)
     return sp if jax.process_index() == 0 else experiment.tokenizer(config, workdir)
 
 

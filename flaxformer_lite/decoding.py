@@ -240,11 +240,12 @@ def translate_beam(
     beams: int = 4,
     alpha: float = 0.6,
     max_lengths: jax.Array | None = None,
+    eos_id: int = EOS_ID,
 ) -> jax.Array:
     """[B, S] source ids -> [B, max_len] best beam-search translation per row."""
     step_fn, cache = translation_step_fn(model, params, inputs, max_len, beams)
     seqs, _ = beam_search(
-        step_fn, cache, inputs.shape[0], beams, max_len, alpha=alpha, max_lengths=max_lengths
+        step_fn, cache, inputs.shape[0], beams, max_len, alpha=alpha, max_lengths=max_lengths, eos_id=eos_id
     )
     return seqs[:, 0]
 

@@ -8,6 +8,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxformer_lite import decoding, metrics, sharding, training
 from flaxformer_lite import input_pipeline as ip
@@ -78,7 +79,9 @@ def translate_texts(
             for row, text in enumerate(chunk):
                 ids = tokenize({"text": text})["inputs"]
                 rows[row, : len(ids)] = ids
+            # Every process passes the same rows and gets all outputs (they span processes' devices).
             out = decode_fn(params, jax.device_put(jnp.asarray(rows), sharding.batch_sharding(mesh)))
+            out = multihost_utils.process_allgather(out, tiled=True)
             hyps += [sp.decode(ids) for ids in decoding.strip_after_eos(out)[: len(chunk)]]
     stats = tokenize.stats
     return hyps, {"trimmed_sources": stats.trimmed, "byte_fallback_tokens": stats.byte_fallback_tokens}

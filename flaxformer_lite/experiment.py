@@ -177,7 +177,7 @@ def parse_flags(argv):
 
     try:
         argv = flags.FLAGS(argv)
-        if "config" in flags.FLAGS:
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
             flags.FLAGS.config.keys()  # a config file that failed to load raises here, not later
         return argv
     except OSError as e:

@@ -51,6 +51,7 @@ CASES = {  # name: (script, extra flags, what the one line must say)
     "eval of an unknown split": ("eval.py", ["--workdir={reference}", "--split=dev"], "has no split 'dev'"),
     "eval without training": ("eval.py", [], "no spm.model in .*train.py run"),
     "generate without training": ("generate.py", [], "no spm.model in .*train.py run"),
+    "generate from a non-checkpoint": ("generate.py", ["--hf_dir={tmp}"], "no config.json in .*transformers"),
 }
 
 

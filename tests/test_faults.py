@@ -7,6 +7,7 @@ processes x 4 devices, to float round-off. Kill points are random; a failure nam
 FAULT_SEED=<n> reruns it.
 """
 
+import json
 import os
 import random
 import signal
@@ -100,6 +101,7 @@ def test_two_processes_with_four_devices_each_equal_one_process_with_eight(prepa
                 f"--config.coordinator_address=127.0.0.1:{port}",
                 "--config.num_processes=2",
                 f"--config.process_id={i}",
+                "--config.bleu_examples=4",  # decoding output spans both processes' devices
                 devices=4,
             )
             for i in range(2)
@@ -120,6 +122,8 @@ def test_two_processes_with_four_devices_each_equal_one_process_with_eight(prepa
     for err in errs:
         assert f"resumed from the checkpoint at step {STEPS // 2}" in err
     _assert_same_run(workdir, reference, exact=False)
+    final = json.load(open(os.path.join(workdir, "final_metrics.json")))
+    assert 0 <= final["bleu"] <= 100 and final["examples"] == 4
 
 
 def test_disk_full_during_a_checkpoint_write_is_one_clear_line_and_a_rerun_recovers(

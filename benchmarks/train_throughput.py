@@ -1,0 +1,109 @@
+"""Training throughput of a config on synthetic tokens: step time, tokens/s, MFU.
+
+    python -m benchmarks.train_throughput --config=configs/wmt_base.py --batch=64 --length=256
+    python -m benchmarks.train_throughput --config=configs/gpt2_small.py --batch=12 --length=1024
+
+Tokens/s counts target tokens (plus source tokens, reported separately, for translation). MFU =
+useful training FLOPs (flaxformer_lite.flops, checked against XLA's count in tests) per second
+over the devices' dense bf16 peak; None on devices without a known peak (CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks.common import load_config, report, time_fn
+from flaxformer_lite import experiment, flops, sharding, training
+
+flags.DEFINE_string("config", "configs/wmt_base.py", "Experiment config file.")
+flags.DEFINE_integer("batch", 64, "Global batch (sequences or sentence pairs).")
+flags.DEFINE_integer("length", 256, "Tokens per sequence (source and target each).")
+flags.DEFINE_integer("vocab", 32_000, "Vocabulary size (no tokenizer is trained).")
+flags.DEFINE_integer("iters", 10, "Timed steps.")
+flags.DEFINE_multi_string("set", [], "Overrides of model fields, e.g. --set=scan_layers=False.")
+FLAGS = flags.FLAGS
+
+
+def synthetic_batch(task: str, batch: int, length: int, vocab: int, seed: int = 0) -> dict:
+    """Full rows of random tokens (no padding), one sequence per row, in the pipeline's format."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in ("inputs", "targets") if task == "translation" else ("targets",):
+        out[name] = rng.integers(3, vocab, (batch, length), dtype=np.int32)
+        out[f"{name}_segment_ids"] = np.ones((batch, length), np.int32)
+        out[f"{name}_positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+    return out
+
+
+def _parse(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "None": None}.get(value, value)
+
+
+def main(argv):
+    del argv
+    config = load_config(FLAGS.config)
+    config.batch_size, config.max_length = FLAGS.batch, FLAGS.length
+    for item in FLAGS.set:
+        key, value = item.split("=", 1)
+        config.model.overrides[key] = _parse(value)
+    model = experiment.make_model(config, FLAGS.vocab)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    tx, schedule = experiment.optimizer(config, model.config.d_model)
+    state, shardings = training.create_train_state(
+        model, tx, jax.random.key(0), config.task, (FLAGS.batch, FLAGS.length), mesh
+    )
+    step = functools.partial(
+        training.train_step, model=model, tx=tx, schedule=schedule, task=config.task,
+        label_smoothing=config.label_smoothing, grad_accum_steps=config.grad_accum_steps,
+    )  # fmt: skip
+    with jax.set_mesh(mesh):
+        jitted = jax.jit(
+            step,
+            in_shardings=(shardings, sharding.batch_sharding(mesh), None),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        batch = sharding.global_batch(
+            synthetic_batch(config.task, FLAGS.batch, FLAGS.length, FLAGS.vocab), mesh
+        )
+        rng = jax.random.key(1)
+        holder = [state]
+
+        def run(b):
+            holder[0], metrics = jitted(holder[0], b, rng)
+            return metrics["loss"]
+
+        seconds = time_fn(run, batch, iters=FLAGS.iters)
+    cfg = model.config
+    source = FLAGS.length if config.task == "translation" else 0
+    per_seq = flops.train_flops(cfg, FLAGS.length, source)
+    peak = flops.peak_tflops(jax.devices()[0].device_kind)
+    achieved = per_seq * FLAGS.batch / seconds
+    report(
+        "train_throughput",
+        config=FLAGS.config,
+        overrides=FLAGS.set,
+        params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+        batch=FLAGS.batch,
+        length=FLAGS.length,
+        step_ms=round(seconds * 1e3, 2),
+        target_tokens_per_sec=round(FLAGS.batch * FLAGS.length / seconds),
+        source_tokens_per_sec=round(FLAGS.batch * source / seconds),
+        model_tflops_per_sec=round(achieved / 1e12, 2),
+        mfu=round(achieved / (peak * 1e12 * jax.device_count()), 4) if peak else None,
+        dtype=str(jnp.dtype(cfg.dtype)),
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
