@@ -206,7 +206,7 @@ def evaluate(config, workdir: str, sp, model, params, mesh, with_bleu: bool) -> 
             max_examples=config.bleu_examples,
             max_length=config.max_length,
             max_decode_length=config.max_decode_length,
-            batch_size=experiment.host_batch_size(config),
+            batch_size=config.batch_size,  # every process decodes the same global batch of rows
             mesh=mesh,
         )
         result.update({k: bleu[k] for k in ("bleu", "chrf", "bleu_signature", "examples")})

@@ -121,5 +121,7 @@ def evaluate_bleu(
     # sacrebleu layout: one list per reference index; sentences with fewer references repeat their first.
     ref_streams = [[r[j] if j < len(r) else r[0] for r in refs] for j in range(num_refs)]
     scores = metrics.bleu_and_chrf(hyps, ref_streams)
+    if num_refs > 1:  # also against each reference alone (each translation version of the test set)
+        scores["bleu_per_reference"] = [metrics.bleu_and_chrf(hyps, [r])["bleu"] for r in ref_streams]
     scores.update(examples=n, references_per_sentence=num_refs, **counts)
     return {**scores, "hypotheses": hyps, "sources": src_texts, "references": ref_streams}

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -79,7 +80,11 @@ def command(workdir, prepared, *extra):
 def environment(devices=8, **extra):
     """The child's environment: CPU only, `devices` fake devices, plus `extra` variables."""
     flags = f"--xla_force_host_platform_device_count={devices}"
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+    cache = dict(  # the runs compile the same programs: compile once per session, load after
+        JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "flaxformer_lite_test_jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **cache, **extra)
 
 
 def start(workdir, prepared, *extra, devices=8, **variables):

@@ -167,6 +167,9 @@ def test_eval_py_reports_bleu_that_sacrebleu_recomputes_from_its_files(shared, s
     assert summary["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score)
     assert summary["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, refs).score)
     assert summary["bleu_signature"].startswith("nrefs:2|")
+    assert summary["bleu_per_reference"] == pytest.approx(
+        [sacrebleu.corpus_bleu(hyps, [r]).score for r in refs]
+    )
     assert json.load(open(os.path.join(out, "eval_test.json")))["perplexity"] == pytest.approx(
         summary["perplexity"]
     )
