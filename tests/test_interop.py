@@ -153,3 +153,36 @@ def test_generate_cli_continues_prompts_like_transformers(tmp_path):
                 0, ids.shape[1] :
             ]
         assert line == tok.decode(new.tolist()).replace("\n", " ")
+
+
+def test_loading_needs_neither_torch_nor_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    _llama(tmp_path)
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from flaxformer_lite import interop\n"
+        f"cfg, params = interop.from_hf({str(tmp_path)!r})\n"
+        "assert cfg.num_kv_heads == 2 and 'logits' in params['decoder']\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_generate_reads_a_sentencepiece_tokenizer_model(tmp_path, prepared):
+    """tokenizer.model (SentencePiece, as LLaMA ships) instead of tokenizer.json."""
+    import shutil
+
+    import sentencepiece as spm
+
+    import generate
+
+    sp = spm.SentencePieceProcessor(model_file=prepared[1])
+    hf_model = _llama(tmp_path, vocab_size=sp.get_piece_size(), eos_token_id=None, bos_token_id=None)
+    shutil.copy(prepared[1], tmp_path / "tokenizer.model")
+    out = io.StringIO()
+    generate.run_hf(str(tmp_path), ["In the beginning God\n"], out, max_new_tokens=10)
+    ids = torch.tensor([sp.encode("In the beginning God")])
+    with torch.no_grad():
+        new = hf_model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
+    assert out.getvalue() == sp.decode(new.tolist()).replace("\n", " ") + "\n"
