@@ -3,9 +3,10 @@
     python scripts/scaling_sweep.py --workdir=runs/scaling [--sizes=32x1,64x2,96x2,128x3,192x4]
 
 Each size is d_model x layers (heads of 32, d_ff = 4 d_model) trained with configs/lm_scaling.py;
-N counts non-embedding parameters (Kaplan et al. 2020). Fits L(N) = a * N^-b + c to the final
-validation loss (nats/token) and writes scaling.json and scaling.png to --workdir. The tokenizer
-and prepared data are shared by all sizes.
+N counts non-embedding parameters and the peak learning rate follows N as in Kaplan et al. 2020
+(eq. D.1: 0.003239 - 0.0001395 ln N; one rate for all sizes made the larger ones worse). Fits
+L(N) = a * N^-b + c to the final validation loss (nats/token) and writes scaling.json and
+scaling.png to --workdir. The tokenizer and prepared data are shared by all sizes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def non_embedding_params(config) -> int:
     return sum(
         int(np.prod(x.shape)) for k, x in flat.items() if "token_embed" not in k and "positions" not in k
     )
+
+
+def kaplan_learning_rate(n: int) -> float:
+    """Peak learning rate for N non-embedding parameters (Kaplan et al. 2020, eq. D.1)."""
+    return 0.003239 - 0.0001395 * float(np.log(n))
 
 
 def fit(n: np.ndarray, loss: np.ndarray) -> dict:
@@ -92,6 +98,8 @@ def main(argv):
         config.model.overrides.update(
             {"d_model": d, "num_decoder_layers": layers, "num_heads": max(d // 32, 1), "d_ff": 4 * d}
         )
+        n = non_embedding_params(config)
+        config.learning_rate = kaplan_learning_rate(n)
         workdir = os.path.join(FLAGS.workdir, size)
         os.makedirs(workdir, exist_ok=True)
         shared_spm = os.path.join(FLAGS.workdir, "spm.model")
@@ -104,7 +112,8 @@ def main(argv):
         points.append(
             {
                 "size": size,
-                "non_embedding_params": non_embedding_params(config),
+                "non_embedding_params": n,
+                "learning_rate": config.learning_rate,
                 "validation_nll": final["nll"],
                 "validation_perplexity": final["perplexity"],
                 "train_seconds": round(time.time() - start, 1),
