@@ -183,64 +183,33 @@ def _is_llama(c: ModelConfig) -> bool:
 class _Tensors:
     """Named HF tensors; records the names asked for but absent, to report them all at once."""
 
-    def __init__(self, tensors: dict, prefix: str):
-        self.tensors, self.prefix, self.missing = tensors, prefix, []
+    def __init__(self, tensors: dict):
+        self.tensors, self.missing = tensors, []
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        full = self.prefix + name
-        if full not in self.tensors:
-            self.missing.append(full)
+        if name not in self.tensors:
+            self.missing.append(name)
             return np.zeros(shape, np.float32)
-        x = np.asarray(self.tensors[full], np.float32)
-        if x.shape != shape:
+        x = np.asarray(self.tensors[name], np.float32)
+        if x.shape != tuple(shape):
             raise UnsupportedCheckpointError(
-                f"tensor {full!r} has shape {x.shape}; config.json implies {shape}."
+                f"tensor {name!r} has shape {x.shape}; config.json implies {tuple(shape)}."
             )
         return x
 
 
-def _gpt2_params(t: _Tensors, c: ModelConfig) -> dict:
-    D, N, H, F = c.d_model, c.num_heads, c.head_dim, c.d_ff
-    p = {"token_embed/embedding": t("wte.weight", (c.vocab_size, D))}
-    p["decoder/positions/table/embedding"] = t("wpe.weight", (c.max_len, D))
-    for i in range(c.num_decoder_layers):
-        h, ours = f"h.{i}.", f"decoder/layer_{i}/"
-        qkv_w, qkv_b = t(h + "attn.c_attn.weight", (D, 3 * D)), t(h + "attn.c_attn.bias", (3 * D,))
-        for j, name in enumerate(("query", "key", "value")):
-            p[ours + f"self_attention/{name}/kernel"] = qkv_w[:, j * D : (j + 1) * D].reshape(D, N, H)
-            p[ours + f"self_attention/{name}/bias"] = qkv_b[j * D : (j + 1) * D].reshape(N, H)
-        p[ours + "self_attention/out/kernel"] = t(h + "attn.c_proj.weight", (D, D)).reshape(N, H, D)
-        p[ours + "self_attention/out/bias"] = t(h + "attn.c_proj.bias", (D,))
-        for norm, hf_norm in (("attention_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            p[ours + f"{norm}/scale"] = t(h + f"{hf_norm}.weight", (D,))
-            p[ours + f"{norm}/bias"] = t(h + f"{hf_norm}.bias", (D,))
-        p[ours + "mlp/wi/kernel"] = t(h + "mlp.c_fc.weight", (D, F))
-        p[ours + "mlp/wi/bias"] = t(h + "mlp.c_fc.bias", (F,))
-        p[ours + "mlp/wo/kernel"] = t(h + "mlp.c_proj.weight", (F, D))
-        p[ours + "mlp/wo/bias"] = t(h + "mlp.c_proj.bias", (D,))
-    p["decoder/final_norm/scale"] = t("ln_f.weight", (D,))
-    p["decoder/final_norm/bias"] = t("ln_f.bias", (D,))
-    return p
+def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter name ("decoder/layer_0/mlp/wo/kernel") -> shape, from the model itself."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+    from flax import traverse_util
 
+    from flaxformer_lite.models import DecoderOnly
 
-def _llama_params(t: _Tensors, c: ModelConfig) -> dict:
-    D, N, K, H, F = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.d_ff
-    p = {"token_embed/embedding": t("embed_tokens.weight", (c.vocab_size, D))}
-    for i in range(c.num_decoder_layers):
-        h, ours = f"layers.{i}.", f"decoder/layer_{i}/"
-        for name, hf_name, heads in (("query", "q_proj", N), ("key", "k_proj", K), ("value", "v_proj", K)):
-            w = t(h + f"self_attn.{hf_name}.weight", (heads * H, D))  # [out, in]
-            p[ours + f"self_attention/{name}/kernel"] = w.T.reshape(D, heads, H)
-        p[ours + "self_attention/out/kernel"] = t(h + "self_attn.o_proj.weight", (D, N * H)).T.reshape(
-            N, H, D
-        )
-        p[ours + "attention_norm/scale"] = t(h + "input_layernorm.weight", (D,))
-        p[ours + "mlp_norm/scale"] = t(h + "post_attention_layernorm.weight", (D,))
-        p[ours + "mlp/wi_gate/kernel"] = t(h + "mlp.gate_proj.weight", (F, D)).T
-        p[ours + "mlp/wi_up/kernel"] = t(h + "mlp.up_proj.weight", (F, D)).T
-        p[ours + "mlp/wo/kernel"] = t(h + "mlp.down_proj.weight", (D, F)).T
-    p["decoder/final_norm/scale"] = t("norm.weight", (D,))
-    return p
+    init = lambda: DecoderOnly(cfg).init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))  # noqa: E731
+    params = nn.unbox(jax.eval_shape(init)["params"])
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def _read_tensors(path: str) -> dict:
@@ -273,13 +242,21 @@ def from_hf(path: str) -> tuple[ModelConfig, dict]:
     tensors = _read_tensors(path)
     gpt2 = hf["model_type"] == "gpt2"
     base = "transformer." if gpt2 else "model."
-    prefix = base if any(k.startswith(base) for k in tensors) else ""
-    t = _Tensors(tensors, prefix)
-    flat = _gpt2_params(t, cfg) if gpt2 else _llama_params(t, cfg)
-    if not gpt2 and not cfg.tie_embeddings:
-        root = _Tensors(tensors, "")
-        root.missing = t.missing  # one list of everything absent
-        flat["decoder/logits/kernel"] = root("lm_head.weight", (cfg.vocab_size, cfg.d_model)).T
+    prefix = base if any(k.startswith(base) for k in tensors) else ""  # absent in a bare base model
+    shapes, t, flat = _param_shapes(cfg), _Tensors(tensors), {}
+    for hf_name, (name, transpose) in _names(cfg).items():
+        matrix = _matrix_shape(name, shapes[name])
+        x = t(_full_name(hf_name, prefix), matrix[::-1] if transpose else matrix)
+        flat[name] = (x.T if transpose else x).reshape(shapes[name])
+    if gpt2:  # q, k, v fused in one Conv1D: [D, 3D] weight, [3D] bias
+        D = cfg.d_model
+        for i in range(cfg.num_decoder_layers):
+            a, h = f"decoder/layer_{i}/self_attention/", f"{prefix}h.{i}.attn.c_attn."
+            w, b = t(h + "weight", (D, 3 * D)), t(h + "bias", (3 * D,))
+            for j, n in enumerate(_QKV):
+                flat[a + f"{n}/kernel"] = w[:, j * D : (j + 1) * D].reshape(shapes[a + f"{n}/kernel"])
+                flat[a + f"{n}/bias"] = b[j * D : (j + 1) * D].reshape(shapes[a + f"{n}/bias"])
+    assert set(flat) == set(shapes), sorted(set(flat) ^ set(shapes))  # the tables cover the model
     if t.missing:
         shown = ", ".join(t.missing[:8]) + (f" and {len(t.missing) - 8} more" if len(t.missing) > 8 else "")
         raise UnsupportedCheckpointError(
@@ -296,34 +273,39 @@ def to_hf(params, cfg: ModelConfig, path: str) -> None:
     from safetensors.numpy import save_file
 
     hf = config_to_hf(cfg)
-    ours = {
-        k: _as_matrix(k, np.asarray(v, np.float32))
-        for k, v in traverse_util.flatten_dict(params, sep="/").items()
+    ours = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    ours = {k: v.reshape(_matrix_shape(k, v.shape)) for k, v in ours.items()}
+    base = "transformer." if hf["model_type"] == "gpt2" else "model."
+    out = {
+        _full_name(hf_name, base): ours[name].T if transpose else ours[name]
+        for hf_name, (name, transpose) in _names(cfg).items()
     }
     if hf["model_type"] == "gpt2":
-        out = {"transformer." + hf_name: ours[name] for hf_name, name in _gpt2_names(cfg).items()}
         for i in range(cfg.num_decoder_layers):
-            a = f"decoder/layer_{i}/self_attention/"
-            names = ("query", "key", "value")
-            out[f"transformer.h.{i}.attn.c_attn.weight"] = np.concatenate(
-                [ours[a + f"{n}/kernel"] for n in names], 1
-            )
-            out[f"transformer.h.{i}.attn.c_attn.bias"] = np.concatenate(
-                [ours[a + f"{n}/bias"] for n in names]
-            )
-    else:
-        out = {
-            hf_name: ours[name].T if transpose else ours[name]
-            for hf_name, (name, transpose) in _llama_names(cfg).items()
-        }
+            a, h = f"decoder/layer_{i}/self_attention/", f"{base}h.{i}.attn.c_attn."
+            out[h + "weight"] = np.concatenate([ours[a + f"{n}/kernel"] for n in _QKV], axis=1)
+            out[h + "bias"] = np.concatenate([ours[a + f"{n}/bias"] for n in _QKV])
     os.makedirs(path, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
 
 
-def _gpt2_names(c: ModelConfig) -> dict[str, str]:
-    """HF name -> our name for every GPT-2 tensor except the fused c_attn."""
+_QKV = ("query", "key", "value")
+
+
+def _names(c: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """HF tensor name (below the model's base prefix) -> (our name, stored transposed); one table
+    serves both directions. GPT-2's fused q/k/v `c_attn` is split and joined by the callers."""
+    return _gpt2_names(c) if _is_gpt2(c) else _llama_names(c)
+
+
+def _full_name(hf_name: str, base: str) -> str:
+    return hf_name if hf_name == "lm_head.weight" else base + hf_name  # the LM head sits outside the base
+
+
+def _gpt2_names(c: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """GPT-2 uses Conv1D, stored [in, out] as ours: nothing is transposed."""
     names = {"wte.weight": "token_embed/embedding", "wpe.weight": "decoder/positions/table/embedding"}
     for i in range(c.num_decoder_layers):
         h, ours = f"h.{i}.", f"decoder/layer_{i}/"
@@ -336,32 +318,32 @@ def _gpt2_names(c: ModelConfig) -> dict[str, str]:
             names[h + f"mlp.{hf_mlp}.weight"] = ours + f"mlp/{our_mlp}/kernel"
             names[h + f"mlp.{hf_mlp}.bias"] = ours + f"mlp/{our_mlp}/bias"
     names["ln_f.weight"], names["ln_f.bias"] = "decoder/final_norm/scale", "decoder/final_norm/bias"
-    return names
+    return {k: (v, False) for k, v in names.items()}
 
 
-def _as_matrix(name: str, x: np.ndarray) -> np.ndarray:
-    """Our attention tensors flattened over heads, as transformers stores them ([in, out] still)."""
+def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape transformers stores one of our tensors in (before any transpose): heads flattened."""
     if name.endswith(("query/kernel", "key/kernel", "value/kernel")):
-        return x.reshape(x.shape[0], -1)  # [D, heads, H] -> [D, heads * H]
+        return (shape[0], int(np.prod(shape[1:])))  # [D, heads, H] -> [D, heads * H]
     if name.endswith(("query/bias", "key/bias", "value/bias")):
-        return x.reshape(-1)
+        return (int(np.prod(shape)),)
     if name.endswith("out/kernel"):
-        return x.reshape(-1, x.shape[-1])  # [N, H, D] -> [N * H, D]
-    return x
+        return (int(np.prod(shape[:-1])), shape[-1])  # [N, H, D] -> [N * H, D]
+    return tuple(shape)
 
 
 def _llama_names(c: ModelConfig) -> dict[str, tuple[str, bool]]:
-    """HF name -> (our name, transposed) for every LLaMA tensor."""
-    names = {"model.embed_tokens.weight": ("token_embed/embedding", False)}
+    """LLaMA uses torch Linear, stored [out, in]: every matrix is transposed."""
+    names = {"embed_tokens.weight": ("token_embed/embedding", False)}
     for i in range(c.num_decoder_layers):
-        h, ours = f"model.layers.{i}.", f"decoder/layer_{i}/"
+        h, ours = f"layers.{i}.", f"decoder/layer_{i}/"
         for name, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "o_proj")):
             names[h + f"self_attn.{hf_name}.weight"] = (ours + f"self_attention/{name}/kernel", True)
         names[h + "input_layernorm.weight"] = (ours + "attention_norm/scale", False)
         names[h + "post_attention_layernorm.weight"] = (ours + "mlp_norm/scale", False)
         for hf_name, name in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo")):
             names[h + f"mlp.{hf_name}.weight"] = (ours + f"mlp/{name}/kernel", True)
-    names["model.norm.weight"] = ("decoder/final_norm/scale", False)
+    names["norm.weight"] = ("decoder/final_norm/scale", False)
     if not c.tie_embeddings:
         names["lm_head.weight"] = ("decoder/logits/kernel", True)
     return names
