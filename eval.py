@@ -136,17 +136,13 @@ def main(argv):
     if "bleu" in summary:
         print(f"BLEU {summary['bleu']:.2f}  {summary['bleu_signature']}")
         for j, b in enumerate(summary.get("bleu_per_reference", [])):
-            print(f"  BLEU against reference {j} alone ({split_file(summary, j)}): {b:.2f}")
+            print(f"  BLEU against reference {j} alone ({summary['split']}.ref{j}.txt): {b:.2f}")
         print(f"chrF {summary['chrf']:.2f}  {summary['chrf_signature']}")
         print(
             f"({summary['examples']} sentences, {summary['references_per_sentence']} references each, "
             f"{summary['trimmed_sources']} sources trimmed to max_length, "
             f"{summary['byte_fallback_tokens']} byte-fallback tokens for characters outside the vocabulary)"
         )
-
-
-def split_file(summary: dict, j: int) -> str:
-    return f"{summary['split']}.ref{j}.txt"
 
 
 def define_flags() -> None:

@@ -94,9 +94,8 @@ class Checkpointer:
             yield
         except Exception as e:  # disk full, quota, permissions (tensorstore reports them as ValueError)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            kept = (
-                f"the complete checkpoints {self.steps()} are kept" if self.steps() else "none was complete"
-            )
+            complete = self.steps()
+            kept = f"the complete checkpoints {complete} are kept" if complete else "none was complete"
             raise CheckpointWriteError(
                 f"writing the checkpoint of step {step} to {self.directory!r} failed ({reason}); {kept}. "
                 "Free space (or fix the directory) and rerun the same command to resume."

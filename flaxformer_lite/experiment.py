@@ -6,6 +6,7 @@ Shared by train.py and eval.py so both see exactly the same tokenizer, features 
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -171,8 +172,6 @@ def optimizer(config, d_model: int):
 
 def parse_flags(argv):
     """absl flags parser for the scripts: a bad --config.x override is a one-line error, not a traceback."""
-    import sys
-
     from absl import flags
 
     try:
@@ -200,8 +199,6 @@ USER_ERRORS = (ValueError, OSError)
 
 def exit_with_error(e: BaseException) -> None:
     """Print `error: <one line>` to stderr and end the process with status 1."""
-    import sys
-
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
