@@ -6,8 +6,8 @@
         --temperature=0.8 --top_p=0.9                  # language model: sampled continuation
     echo "Hello, my dog" | python generate.py --hf_dir=path/to/gpt2   # a HuggingFace checkpoint
 
-One output line per input line. Empty lines give empty outputs; lines longer than the config's
-max_length are trimmed; both are counted on stderr.
+One output line per input line, always. Empty lines give empty outputs; lines longer than the
+config's max_length are trimmed; bytes that are not UTF-8 are replaced; all are counted on stderr.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
-import eval as eval_lib
-from flaxformer_lite import decoding, experiment
-from flaxformer_lite import input_pipeline as ip
+from flaxformer_lite import cli, decoding, experiment, tasks
 
 
 def define_flags() -> None:
@@ -36,70 +35,84 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "LM: nucleus sampling mass.")
     flags.DEFINE_integer("max_new_tokens", 64, "LM: tokens to generate per prompt.")
     flags.DEFINE_integer("seed", 0, "LM: sampling seed.")
-    flags.DEFINE_string(
-        "hf_dir", None, "A transformers GPT-2/LLaMA checkpoint dir (instead of config+workdir)."
-    )
-    flags.register_multi_flags_validator(
-        ["config", "workdir", "hf_dir"],
-        lambda v: bool(v["hf_dir"]) or (v["config"] is not None and bool(v["workdir"])),
-        "pass --config and --workdir (a model trained here) or --hf_dir (an imported checkpoint)",
-    )
+    flags.DEFINE_string("hf_dir", None, "A transformers checkpoint dir (instead of config+workdir).")
 
 
-def run(
-    config,
-    workdir: str,
-    lines,
-    out,
-    err,
-    *,
-    beam_size=4,
-    alpha=0.6,
-    temperature=0.0,
-    top_k=0,
-    top_p=1.0,
-    max_new_tokens=64,
-    seed=0,
-) -> dict:
-    """Process `lines`, writing one line to `out` for each; returns counts of what was skipped or trimmed."""
-    if config.task not in ("translation", "lm"):
-        raise ValueError(f"generate.py handles task 'translation' or 'lm', not {config.task!r}.")
-    sp, model, mesh, _, params = eval_lib.load(config, workdir)
-    counts = {"lines": 0, "empty": 0, "trimmed": 0, "byte_fallback_tokens": 0}
-    tokenize = ip.Tokenize(sp, {"inputs": "text"}, config.max_length)  # translation sources
-    if config.task == "translation":
-        decode = eval_lib.beam_decode_fn(model, beam_size, alpha, config.max_decode_length)
+def check_decoding_flags(*, beam_size=4, alpha=0.6, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=64):
+    """One ValueError naming the first bad decoding option."""
+    for ok, what in (
+        (beam_size >= 1, f"--beam_size={beam_size} must be at least 1 (1 = greedy)"),
+        (alpha >= 0, f"--alpha={alpha} must be >= 0"),
+        (temperature >= 0, f"--temperature={temperature} must be >= 0 (0 = greedy)"),
+        (top_k >= 0, f"--top_k={top_k} must be >= 0 (0 = all tokens)"),
+        (0 < top_p <= 1, f"--top_p={top_p} must be in (0, 1]"),
+        (max_new_tokens >= 1, f"--max_new_tokens={max_new_tokens} must be at least 1"),
+    ):
+        if not ok:
+            raise ValueError(what)
+
+
+def text_lines(lines, counts: dict):
+    """Lines as text; bytes that are not UTF-8 become U+FFFD and are counted."""
+    for line in lines:
+        if isinstance(line, bytes):
+            text = line.decode("utf-8", errors="replace")
+            counts["replaced_bytes"] += text.count("\ufffd") - line.count("\ufffd".encode())
+            line = text
+        yield line.rstrip("\r\n")
+
+
+def run(config, workdir: str, lines, out, err, *, seed=0, **options) -> dict:
+    """Process `lines` (str or bytes), writing one line to `out` for each; returns what was counted."""
+    check_decoding_flags(**options)
+    exp = experiment.build(config, workdir, tokenizer="load")
+    if not (exp.task.translates or exp.task.generates):
+        raise ValueError(f"generate.py translates or continues text; task {exp.task.name!r} does neither.")
+    _, params = exp.restore_params()
+    sp, max_length = exp.tokenizer, config.max_length
+    counts = {"lines": 0, "empty": 0, "trimmed": 0, "byte_fallback_tokens": 0, "replaced_bytes": 0}
+    tokenize = exp.tokenize(keys={"inputs": "text"})  # translation sources: ids + EOS, trimmed, counted
+    if exp.task.translates:
+        decode = tasks.translate_fn(
+            exp.inference_model, beam_size=options.get("beam_size", 4), alpha=options.get("alpha", 0.6),
+            max_decode_length=config.max_decode_length,
+        )  # fmt: skip
+
+        def one(i, text):
+            ids = tokenize({"text": text})["inputs"]
+            row = np.zeros((1, max_length), np.int32)
+            row[0, : len(ids)] = ids
+            return decode(params, row)
     else:
-        decode = jax.jit(
-            lambda p, x, k: decoding.lm_generate(
-                model, p, x, max_new_tokens, rng=k, temperature=temperature, top_k=top_k, top_p=top_p
-            )
+        sample = {k: options[k] for k in ("temperature", "top_k", "top_p") if k in options}
+        decode = tasks.continue_fn(
+            exp.inference_model, max_new_tokens=options.get("max_new_tokens", 64), **sample
         )
-    for i, line in enumerate(lines):
+
+        def one(i, text):  # a prompt: no EOS, and a long one keeps its end
+            ids = sp.encode(text)
+            counts["byte_fallback_tokens"] += sum(sp.is_byte(t) for t in ids)
+            if len(ids) > max_length:
+                counts["trimmed"] += 1
+                ids = ids[-max_length:]
+            return decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))
+
+    for i, text in enumerate(text_lines(lines, counts)):
         counts["lines"] += 1
-        text = line.rstrip("\n")
         if not text.strip():
             counts["empty"] += 1
             out.write("\n")
-            continue
-        if config.task == "translation":
-            ids = tokenize({"text": text})["inputs"]  # ids + EOS, trimmed and counted
-            result = decode(params, jnp.zeros((1, config.max_length), jnp.int32).at[0, : len(ids)].set(ids))
-        else:  # a prompt: no EOS, and a long one keeps its end
-            ids = sp.encode(text)
-            counts["byte_fallback_tokens"] += sum(sp.is_byte(t) for t in ids)
-            if len(ids) > config.max_length:
-                counts["trimmed"] += 1
-                ids = ids[-config.max_length :]
-            result = decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))
-        out.write(sp.decode(decoding.strip_after_eos(result)[0]) + "\n")
+        else:
+            out.write(sp.decode(decoding.strip_after_eos(one(i, text))[0]).replace("\n", " ") + "\n")
         out.flush()
     counts["trimmed"] += tokenize.stats.trimmed
     counts["byte_fallback_tokens"] += tokenize.stats.byte_fallback_tokens
-    if counts["empty"] or counts["trimmed"] or counts["byte_fallback_tokens"]:
-        trimmed = f"{counts['trimmed']} lines trimmed to {config.max_length} tokens"
-        unknown = f"{counts['byte_fallback_tokens']} byte-fallback tokens (characters outside the vocabulary)"
-        err.write(f"{counts['empty']} empty lines, {trimmed}, {unknown}\n")
+    if any(counts[k] for k in ("empty", "trimmed", "byte_fallback_tokens", "replaced_bytes")):
+        err.write(
+            f"{counts['empty']} empty lines, {counts['trimmed']} lines trimmed to {max_length} tokens, "
+            f"{counts['byte_fallback_tokens']} byte-fallback tokens (characters outside the vocabulary), "
+            f"{counts['replaced_bytes']} bytes that were not UTF-8 replaced\n"
+        )
     return counts
 
 
@@ -111,6 +124,7 @@ def run_hf(hf_dir: str, lines, out, *, max_new_tokens=64, seed=0, **sample_kwarg
     from flaxformer_lite import interop
     from flaxformer_lite.models import DecoderOnly
 
+    check_decoding_flags(max_new_tokens=max_new_tokens, **sample_kwargs)
     cfg, params = interop.from_hf(hf_dir)
     tok = interop.load_tokenizer(hf_dir)
     eos = json.load(open(os.path.join(hf_dir, "config.json"))).get("eos_token_id")
@@ -121,10 +135,10 @@ def run_hf(hf_dir: str, lines, out, *, max_new_tokens=64, seed=0, **sample_kwarg
             model, p, x, max_new_tokens, start_id=None, rng=k, eos_id=eos, **sample_kwargs
         )
     )
-    counts = {"lines": 0, "empty": 0, "trimmed": 0}
-    for i, line in enumerate(lines):
+    counts = {"lines": 0, "empty": 0, "trimmed": 0, "replaced_bytes": 0}
+    for i, text in enumerate(text_lines(lines, counts)):
         counts["lines"] += 1
-        ids = tok.encode(line.rstrip("\n"))
+        ids = tok.encode(text)
         if not ids:
             counts["empty"] += 1
             out.write("\n")
@@ -142,29 +156,25 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    sample = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
     try:
         if f.hf_dir:
-            sample = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
-            run_hf(f.hf_dir, sys.stdin, sys.stdout, max_new_tokens=f.max_new_tokens, seed=f.seed, **sample)
+            run_hf(
+                f.hf_dir, sys.stdin.buffer, sys.stdout, max_new_tokens=f.max_new_tokens, seed=f.seed, **sample
+            )
             return
+        if f.config is None or not f.workdir:
+            raise ValueError(
+                "pass --config and --workdir (a model trained here) or --hf_dir (an imported one)"
+            )
         run(
-            f.config,
-            f.workdir,
-            sys.stdin,
-            sys.stdout,
-            sys.stderr,
-            beam_size=f.beam_size,
-            alpha=f.alpha,
-            temperature=f.temperature,
-            top_k=f.top_k,
-            top_p=f.top_p,
-            max_new_tokens=f.max_new_tokens,
-            seed=f.seed,
-        )
-    except experiment.USER_ERRORS as e:
-        experiment.exit_with_error(e)
+            f.config, f.workdir, sys.stdin.buffer, sys.stdout, sys.stderr, seed=f.seed, beam_size=f.beam_size,
+            alpha=f.alpha, max_new_tokens=f.max_new_tokens, **sample,
+        )  # fmt: skip
+    except cli.USER_ERRORS as e:
+        cli.exit_with_error(e)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=experiment.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

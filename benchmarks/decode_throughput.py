@@ -34,10 +34,10 @@ def main(argv):
     config = load_config(FLAGS.config)
     config.max_length = max(FLAGS.source_len, FLAGS.prompt_len + FLAGS.new_tokens)
     config.max_decode_length = FLAGS.new_tokens
-    model = experiment.make_model(config, FLAGS.vocab)
-    model = model.clone(config=model.config.replace(deterministic=True))
+    exp = experiment.build(config, None, tokenizer="none", vocab_size=FLAGS.vocab)
+    model = exp.inference_model
     rng = jax.random.key(0)
-    if config.task == "translation":
+    if exp.task.translates:
         sources = jax.random.randint(rng, (FLAGS.batch, FLAGS.source_len), 3, FLAGS.vocab)
         params = jax.jit(model.init)(rng, sources[:1], sources[:1])["params"]
         for beams in map(int, FLAGS.beams):

@@ -10,15 +10,13 @@ over the devices' dense bf16 peak; None on devices without a known peak (CPU).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from benchmarks.common import load_config, report, time_fn
-from flaxformer_lite import experiment, flops, sharding, training
+from flaxformer_lite import experiment, flops, sharding
 
 flags.DEFINE_string("config", "configs/wmt_base.py", "Experiment config file.")
 flags.DEFINE_integer("batch", 64, "Global batch (sequences or sentence pairs).")
@@ -29,11 +27,11 @@ flags.DEFINE_multi_string("set", [], "Overrides of model fields, e.g. --set=scan
 FLAGS = flags.FLAGS
 
 
-def synthetic_batch(task: str, batch: int, length: int, vocab: int, seed: int = 0) -> dict:
+def synthetic_batch(task, batch: int, length: int, vocab: int, seed: int = 0) -> dict:
     """Full rows of random tokens (no padding), one sequence per row, in the pipeline's format."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name in ("inputs", "targets") if task == "translation" else ("targets",):
+    for name in task.features:
         out[name] = rng.integers(3, vocab, (batch, length), dtype=np.int32)
         out[f"{name}_segment_ids"] = np.ones((batch, length), np.int32)
         out[f"{name}_positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
@@ -56,26 +54,12 @@ def main(argv):
     for item in FLAGS.set:
         key, value = item.split("=", 1)
         config.model.overrides[key] = _parse(value)
-    model = experiment.make_model(config, FLAGS.vocab)
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
-    tx, schedule = experiment.optimizer(config, model.config.d_model)
-    state, shardings = training.create_train_state(
-        model, tx, jax.random.key(0), config.task, (FLAGS.batch, FLAGS.length), mesh
-    )
-    step = functools.partial(
-        training.train_step, model=model, tx=tx, schedule=schedule, task=config.task,
-        label_smoothing=config.label_smoothing, grad_accum_steps=config.grad_accum_steps,
-    )  # fmt: skip
+    exp = experiment.build(config, None, tokenizer="none", vocab_size=FLAGS.vocab)
+    model, mesh = exp.model, exp.mesh
+    state, shardings = exp.init_state(jax.random.key(0))
+    jitted = exp.train_step(shardings)
     with jax.set_mesh(mesh):
-        jitted = jax.jit(
-            step,
-            in_shardings=(shardings, sharding.batch_sharding(mesh), None),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
-        batch = sharding.global_batch(
-            synthetic_batch(config.task, FLAGS.batch, FLAGS.length, FLAGS.vocab), mesh
-        )
+        batch = sharding.global_batch(synthetic_batch(exp.task, FLAGS.batch, FLAGS.length, FLAGS.vocab), mesh)
         rng = jax.random.key(1)
         holder = [state]
 
@@ -85,7 +69,7 @@ def main(argv):
 
         seconds = time_fn(run, batch, iters=FLAGS.iters)
     cfg = model.config
-    source = FLAGS.length if config.task == "translation" else 0
+    source = FLAGS.length if exp.task.paired else 0
     per_seq = flops.train_flops(cfg, FLAGS.length, source)
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
     achieved = per_seq * FLAGS.batch / seconds

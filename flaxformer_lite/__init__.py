@@ -21,7 +21,7 @@ from flaxformer_lite.config import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "AXES": "layers",
+    "AXES": "sharding",
     "DecoderLayer": "layers",
     "Embed": "layers",
     "EncoderLayer": "layers",

@@ -1,15 +1,20 @@
-"""Orbax checkpoints of the train state, the data iterator position and the config, with fallback.
+"""Orbax checkpoints: params, optimizer state, data iterator position and config, with fallback.
 
-A step directory is written under a temporary name and renamed when complete (orbax), so a crash
-mid-save leaves the previous checkpoints intact. On restore the newest step that reads cleanly
-wins; an unreadable one is reported and skipped. A checkpoint whose shapes differ from the model
-is not "corrupt" but a config mismatch: that raises an error naming the parameter.
+Each step directory holds the items `params` (what inference needs, restored alone by eval.py
+and generate.py), `opt` (step counter and optimizer state), `data` (grain iterator, one file per
+process) and `config`. A step directory is written under a temporary name and renamed when
+complete (orbax), so a crash mid-save leaves the previous checkpoints intact. On restore the
+newest step that reads cleanly wins; an unreadable one is moved aside (`<step>.corrupt-<time>`,
+kept, never read again) and named in the log. A checkpoint whose shapes differ from the model is
+not "corrupt" but a config mismatch: that raises an error naming the parameter. Checkpoints of
+flaxformer_lite 0.1 (one `state` item) still restore.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import grain
 import jax
@@ -29,11 +34,11 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def _check_shapes(saved_tree, abstract_state, step: int, directory: str) -> None:
+def _check_shapes(saved_tree, abstract_state, step: int, ckpt: Checkpointer) -> None:
     saved = {_path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
     wanted = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
     fix = (
-        f"The checkpoint in {directory!r} (step {step}) was written with another model config: use a "
+        f"The checkpoint in {ckpt.directory!r} (step {step}) was written with another model config: use a "
         "new --workdir, or the config that wrote it."
     )
     for name, shape in wanted.items():
@@ -61,7 +66,9 @@ class Checkpointer:
             create=True,
         )
         handlers = {
-            "state": ocp.StandardCheckpointHandler(),
+            "params": ocp.StandardCheckpointHandler(),
+            "opt": ocp.StandardCheckpointHandler(),
+            "state": ocp.StandardCheckpointHandler(),  # the 0.1 layout, read only
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         }
@@ -71,7 +78,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iterator=None, config: dict | None = None, *, force=False) -> bool:
         """Start saving (returns at once when async); True if this step was saved."""
-        items = {"state": ocp.args.StandardSave(state)}
+        opt = {"step": state.step, "opt_state": state.opt_state}
+        items = {"params": ocp.args.StandardSave(state.params), "opt": ocp.args.StandardSave(opt)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -122,43 +130,76 @@ class Checkpointer:
         return f"step {step} in {self.directory}" if step is not None else f"none yet in {self.directory}"
 
     def restore(self, abstract_state, data_iterator=None, step: int | None = None):
-        """(step, state) from the newest readable checkpoint (or `step`); None if there is none.
+        """(step, TrainState) from the newest readable checkpoint (or `step`); None if there is none.
 
-        `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings (restored sharded).
+        `abstract_state` is a TrainState of jax.ShapeDtypeStruct with shardings (restored sharded).
         `data_iterator`, if given, is moved to the saved position.
         """
-        candidates = [step] if step is not None else list(reversed(self.steps()))
+
+        def read(s, saved):
+            if "state" in saved:  # the 0.1 layout: one TrainState item
+                _check_shapes(
+                    {"params": saved["state"]["params"]}, {"params": abstract_state.params}, s, self
+                )
+                items = {"state": ocp.args.StandardRestore(abstract_state)}
+            else:
+                _check_shapes({"params": saved["params"]}, {"params": abstract_state.params}, s, self)
+                opt = {"step": abstract_state.step, "opt_state": abstract_state.opt_state}
+                items = {"params": ocp.args.StandardRestore(abstract_state.params)}
+                items["opt"] = ocp.args.StandardRestore(opt)
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            out = self.manager.restore(s, args=ocp.args.Composite(**items))
+            if "state" in out and out["state"] is not None:
+                return out["state"]
+            return abstract_state.replace(
+                step=out["opt"]["step"], params=out["params"], opt_state=out["opt"]["opt_state"]
+            )
+
+        return self._newest_readable(read, step)
+
+    def restore_params(self, abstract_params, step: int | None = None):
+        """(step, params) from the newest readable checkpoint (or `step`), without optimizer state."""
+
+        def read(s, saved):
+            if "state" in saved:  # the 0.1 layout: read the whole state (replicated), keep params
+                tree = saved["state"]
+                _check_shapes({"params": tree["params"]}, {"params": abstract_params}, s, self)
+                sharding = jax.tree.leaves(abstract_params)[0].sharding
+                replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                target = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), tree
+                )
+                state = self.manager.restore(
+                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                )
+                return jax.device_put(
+                    state["state"]["params"], jax.tree.map(lambda x: x.sharding, abstract_params)
+                )
+            _check_shapes({"params": saved["params"]}, {"params": abstract_params}, s, self)
+            items = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+            return self.manager.restore(s, args=items)["params"]
+
+        return self._newest_readable(read, step)
+
+    def _newest_readable(self, read, step: int | None):
+        """read(step, item metadata) of the newest step that reads (or of `step`); None if none exist.
+
+        A step that cannot be read is moved aside (by process 0) and the next older one is tried.
+        """
         if step is not None and step not in self.steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory!r}; have {self.steps()}."
             )
+        candidates = [step] if step is not None else list(reversed(self.steps()))
         for s in candidates:
             try:
-                metadata = self.manager.item_metadata(s)["state"]
-                saved_tree = getattr(metadata, "tree", metadata)
-                if saved_tree is None:
-                    raise ValueError("no state metadata")
+                saved = self._item_trees(s)
+                restored = read(s, saved)
+            except CheckpointMismatchError:
+                raise
             except Exception as e:  # noqa: BLE001  (any read failure means: try an older one)
-                logging.warning(
-                    "checkpoint step %d in %s is unreadable (%s); trying the previous one",
-                    s,
-                    self.directory,
-                    e,
-                )
-                continue
-            _check_shapes(saved_tree, abstract_state, s, self.directory)
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            try:
-                restored = self.manager.restore(s, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001
-                logging.warning(
-                    "checkpoint step %d in %s is unreadable (%s); trying the previous one",
-                    s,
-                    self.directory,
-                    e,
-                )
+                self._move_aside(s, e)
                 continue
             if s != candidates[0]:
                 logging.warning(
@@ -166,10 +207,47 @@ class Checkpointer:
                     s,
                     candidates[: candidates.index(s)],
                 )
-            return s, restored["state"]
+            return s, restored
         if candidates:
-            raise ValueError(f"none of the checkpoints {candidates} in {self.directory!r} is readable.")
+            raise ValueError(
+                f"none of the checkpoints {candidates} in {self.directory!r} is readable; they were moved "
+                "aside (*.corrupt-*). Start a new run in another --workdir, or move one back."
+            )
         return None
+
+    def _item_trees(self, step: int) -> dict:
+        """{item name: tree of array metadata} of the array items a step holds."""
+        names = [
+            n for n in ("params", "opt", "state") if os.path.isdir(os.path.join(self.directory, str(step), n))
+        ]
+        if "params" not in names and "state" not in names:
+            raise ValueError("it holds neither a params nor a state item")
+        metadata = self.manager.item_metadata(step)
+        trees = {}
+        for name in names:
+            tree = getattr(metadata[name], "tree", metadata[name])
+            if tree is None:
+                raise ValueError(f"no metadata for item {name!r}")
+            trees[name] = tree
+        return trees
+
+    def _move_aside(self, step: int, error: Exception) -> None:
+        """Rename an unreadable step to `<step>.corrupt-<time>` (kept for inspection, never read)."""
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0 and os.path.isdir(src):
+            os.replace(src, dst)
+        logging.warning(
+            "checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the previous one",
+            step,
+            self.directory,
+            reason,
+            os.path.basename(dst),
+        )
+        barrier = ocp.multihost.get_barrier_sync_fn()  # every process sees the rename before reloading
+        barrier(key=f"flaxformer_lite:moved_aside_{step}", timeout_ms=300_000)
+        self.manager.reload()
 
     def saved_config(self, step: int) -> dict | None:
         """The config JSON saved with `step`, if any."""

@@ -5,14 +5,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from flaxformer_lite.ops.activations import ACTIVATIONS, GATED_ACTIVATIONS
+from flaxformer_lite.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "alibi", "none")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = (None, "xla", "cudnn", "reference")
+# Activation checkpointing per layer: name -> jax.checkpoint policy ("full": save nothing).
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +90,7 @@ class ModelConfig:
             self.remat_policy in REMAT_POLICIES,
             "remat_policy",
             self.remat_policy,
-            f"use one of {REMAT_POLICIES}",
+            f"use one of {tuple(REMAT_POLICIES)}",
         )
         _check(
             self.attention_impl in ATTENTION_IMPLS,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flaxformer_lite.tokenizer import EOS_ID, PAD_ID
+from flaxformer_lite.ids import EOS_ID, PAD_ID
+from flaxformer_lite.models import variant
 
 
 def _filter_logits(logits, top_k: int, top_p: float):
@@ -80,7 +81,7 @@ def translation_step_fn(model, params, inputs: jax.Array, max_len: int, beams: i
     With beams > 1 the encoder output is repeated per beam before the cache is built, so the
     cache has batch * beams rows (beam search layout) while the encoder ran once per source.
     """
-    decoder = model.clone(config=model.config.replace(decode=True, deterministic=True))
+    decoder = variant(model, decode=True, deterministic=True)
     encoded = decoder.apply({"params": params}, inputs, method="encode")
     if beams > 1:
         encoded, inputs = tile_beams(encoded, beams), tile_beams(inputs, beams)
@@ -259,7 +260,7 @@ def lm_generate(
     pad/BOS id 0): prefill [0, p_1 .. p_{P-1}] in one call, then sample token by token from p_P.
     Imported HuggingFace models take the prompt alone (`start_id=None`, P >= 1).
     """
-    decoder = model.clone(config=model.config.replace(decode=True, deterministic=True))
+    decoder = variant(model, decode=True, deterministic=True)
     if start_id is not None:
         prompt = jnp.concatenate([jnp.full((prompt.shape[0], 1), start_id, jnp.int32), prompt], axis=1)
     B, P = prompt.shape

@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 
 from flaxformer_lite import decoding, metrics, sharding, training
 from flaxformer_lite import input_pipeline as ip
+from flaxformer_lite.tasks import Task
 
 # Jitted once per (model, task): Linen modules hash by value, so repeated evaluations during
 # training reuse the compiled programs instead of recompiling for every new closure.
@@ -22,7 +23,46 @@ _greedy_translate = jax.jit(
 )
 
 
-def evaluate_loss(params, model, task: str, batches, mesh, max_batches: int = 0) -> dict:
+def evaluate(
+    exp,
+    params,
+    *,
+    split: str | None = None,
+    max_batches: int = 0,
+    bleu_examples: int | None = None,
+    **bleu_kwargs,
+) -> dict:
+    """Loss and perplexity of an experiment's model on `split` (default: the config's eval split).
+
+    For translation tasks with `bleu_examples` set (0 = all) also BLEU/chrF of decoded text
+    (greedy unless `decode_fn` is given), with the hypotheses, sources and references.
+    """
+    c = exp.config
+    split = split or c.eval_split
+    model = exp.inference_model
+    result = evaluate_loss(params, model, exp.task, exp.eval_dataset(split), exp.mesh, max_batches)
+    if exp.task.translates and bleu_examples is not None:
+        options = dict(
+            max_length=c.max_length, max_decode_length=c.max_decode_length, batch_size=c.batch_size
+        )
+        options.update(bleu_kwargs)
+        source = exp.data.open(split)
+        result.update(
+            evaluate_bleu(
+                model,
+                params,
+                exp.tokenizer,
+                source,
+                exp.data.keys,
+                max_examples=bleu_examples,
+                mesh=exp.mesh,
+                **options,
+            )
+        )
+    return result
+
+
+def evaluate_loss(params, model, task: Task, batches, mesh, max_batches: int = 0) -> dict:
     """Token-level NLL, perplexity and accuracy over `batches` (all of them if max_batches is 0)."""
     step = functools.partial(_eval_step, model=model, task=task)
     totals = {"nll_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}

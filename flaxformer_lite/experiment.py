@@ -1,21 +1,28 @@
-"""Build an experiment from an ml_collections config: data sources, tokenizer, model, iterators.
+"""Build an experiment once from an ml_collections config: task, data, tokenizer, model, mesh, optimizer.
 
-Shared by train.py and eval.py so both see exactly the same tokenizer, features and model.
+`build(config, workdir)` returns a frozen `Experiment`; train.py, eval.py, generate.py and the
+benchmarks take it and never re-derive a path, a feature name or a model from the config.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-import sys
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
 
+from flaxformer_lite import checkpoint, datasets, runtime, sharding, tasks, training
 from flaxformer_lite import input_pipeline as ip
 from flaxformer_lite.config import ModelConfig, preset
-from flaxformer_lite.models import DecoderOnly, EncoderDecoder, EncoderOnly
-
-MODELS = {"translation": EncoderDecoder, "lm": DecoderOnly, "mlm": EncoderOnly}
+from flaxformer_lite.models import variant
+from flaxformer_lite.tokenizer import load_or_train, load_sentencepiece
 
 
 def validate(config) -> None:
@@ -25,7 +32,7 @@ def validate(config) -> None:
         if not ok:
             raise ValueError(f"bad config: {msg}")
 
-    need(config.task in MODELS, f"task={config.task!r}; use one of {sorted(MODELS)}")
+    task = tasks.get(config.task)
     need(config.num_train_steps >= 0, f"num_train_steps={config.num_train_steps} must be >= 0")
     need(config.batch_size > 0, f"batch_size={config.batch_size} must be positive")
     need(config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
@@ -42,49 +49,8 @@ def validate(config) -> None:
     need(config.log_every > 0, f"log_every={config.log_every} must be positive")
     need(0 <= config.label_smoothing < 1, f"label_smoothing={config.label_smoothing} must be in [0, 1)")
     need(
-        config.scheduled_sampling_max_prob == 0 or config.task == "translation",
-        "scheduled sampling is for task='translation' only",
-    )
-
-
-def data_dir(config, workdir: str) -> str:
-    return config.data_dir or ip.default_data_dir(workdir)
-
-
-def _source_kwargs(config) -> dict:
-    kwargs = {"manual_dir": config.manual_dir} if config.manual_dir else {}
-    if config.db_path and config.dataset_name.startswith("bible_"):
-        kwargs["db_path"] = config.db_path
-    return kwargs
-
-
-def open_split(config, workdir: str, split: str):
-    return ip.open_source(config.dataset_name, split, data_dir(config, workdir), **_source_kwargs(config))
-
-
-def feature_keys(config, workdir: str) -> dict[str, str]:
-    """Model input name -> dataset feature: {"inputs": src, "targets": tgt} or {"targets": text}."""
-    if config.task == "translation":
-        src, tgt = ip.supervised_keys(
-            config.dataset_name,
-            data_dir(config, workdir),
-            config.reverse_translation,
-            **_source_kwargs(config),
-        )
-        return {"inputs": src, "targets": tgt}
-    return {"targets": "text"}
-
-
-def tokenizer(config, workdir: str):
-    """The workdir's SentencePiece model, trained on the train split on first use."""
-    return ip.get_tokenizer(
-        config.dataset_name,
-        data_dir(config, workdir),
-        os.path.join(workdir, "spm.model"),
-        sorted(set(feature_keys(config, workdir).values())),
-        vocab_size=config.vocab_size,
-        character_coverage=config.character_coverage,
-        **_source_kwargs(config),
+        config.scheduled_sampling_max_prob == 0 or task.translates,
+        f"scheduled sampling is for translation tasks, not task={task.name!r}",
     )
 
 
@@ -97,61 +63,8 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     return cfg if cfg.max_len >= need_len else cfg.replace(max_len=need_len)
 
 
-def make_model(config, vocab_size: int):
-    return MODELS[config.task](model_config(config, vocab_size))
-
-
-def host_batch_size(config) -> int:
-    return config.batch_size // jax.process_count()
-
-
-def train_dataset(config, workdir: str, sp, stats: ip.TokenizeStats | None = None):
-    """Endless, shuffled, packed per-host batches of the train split."""
-    source = open_split(config, workdir, config.train_split)
-    tok = ip.Tokenize(sp, feature_keys(config, workdir), config.max_length, stats)
-    return ip.make_dataset(
-        source,
-        tok,
-        batch_size=host_batch_size(config),
-        max_length=config.max_length,
-        pack=config.pack,
-        shuffle=True,
-        seed=config.seed,
-        num_epochs=None,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-
-
-def eval_dataset(config, workdir: str, sp, split: str | None = None):
-    """One pass over an eval split in order, unpacked, last batch padded with empty rows."""
-    source = open_split(config, workdir, split or config.eval_split)
-    tok = ip.Tokenize(sp, feature_keys(config, workdir), config.max_length)
-    ds = ip.make_dataset(
-        source,
-        tok,
-        batch_size=host_batch_size(config),
-        max_length=config.max_length,
-        pack=False,
-        shuffle=False,
-        num_epochs=1,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        drop_remainder=False,
-    )
-    return ds.map(lambda b: pad_rows(b, host_batch_size(config)))
-
-
-def pad_rows(batch: dict, rows: int) -> dict:
-    """Pad a short final batch with all-padding rows (weight 0) to a fixed row count."""
-    n = next(iter(batch.values())).shape[0]
-    return {k: np.pad(v, ((0, rows - n), (0, 0))) for k, v in batch.items()} if n < rows else batch
-
-
-def optimizer(config, d_model: int):
-    """(tx, schedule) as configured; eval.py builds the same to read checkpoints."""
-    from flaxformer_lite import training
-
+def make_optimizer(config, d_model: int):
+    """(tx, schedule) as configured."""
     schedule = training.make_schedule(
         config.schedule,
         d_model=d_model,
@@ -170,36 +83,187 @@ def optimizer(config, d_model: int):
     return tx, schedule
 
 
-def parse_flags(argv):
-    """absl flags parser for the scripts: a bad --config.x override is a one-line error, not a traceback."""
-    from absl import flags
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """A TFDS dataset and the features the task reads from it (model input name -> feature)."""
 
-    try:
-        argv = flags.FLAGS(argv)
-        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
-            flags.FLAGS.config.keys()  # a config file that failed to load raises here, not later
-        return argv
-    except OSError as e:
-        sys.exit(f"error: cannot load --config: {_one_line(e.__cause__ or e)}")
-    except flags.Error as e:  # a missing required flag, a value of the wrong type, a bad config file
-        sys.exit(f"error: {_one_line(e)} (see {os.path.basename(argv[0])} --helpfull)")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        sys.exit(f"error: bad --config override: {_one_line(e)}")
+    name: str
+    data_dir: str
+    builder_kwargs: dict
+    keys: dict[str, str]
+
+    @classmethod
+    def from_config(cls, config, workdir: str, task: tasks.Task) -> Data:
+        kwargs = {"manual_dir": config.manual_dir} if config.manual_dir else {}
+        if config.db_path and config.dataset_name.startswith("bible_"):
+            kwargs["db_path"] = config.db_path
+        data_dir = config.data_dir or datasets.default_data_dir(workdir)
+        keys = {"targets": "text"}
+        if task.paired:
+            src, tgt = datasets.supervised_keys(
+                config.dataset_name, data_dir, config.reverse_translation, **kwargs
+            )
+            keys = {"inputs": src, "targets": tgt}
+        return cls(config.dataset_name, data_dir, kwargs, keys)
+
+    def open(self, split: str):
+        """A random-access source of `split` (the dataset is prepared on first use if it is ours)."""
+        return datasets.open_source(self.name, split, self.data_dir, **self.builder_kwargs)
+
+    def training_texts(self):
+        """Every feature's text of the *train* split (for the tokenizer)."""
+        return datasets.training_texts(self.open("train"), sorted(set(self.keys.values())))
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)  # KeyError quotes its message
-    text = text.replace("\\n", "\n").replace("\\'", "'")
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+@dataclasses.dataclass(frozen=True, eq=False)
+class Experiment:
+    """Everything a run needs, built once: see `build`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str | None
+    task: tasks.Task
+    data: Data | None  # None for synthetic benchmarks
+    tokenizer: Any  # sentencepiece.SentencePieceProcessor, or None for synthetic benchmarks
+    model: nn.Module
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+    @property
+    def host_batch_size(self) -> int:
+        return self.config.batch_size // jax.process_count()
+
+    @property
+    def batch_shape(self) -> tuple[int, int]:
+        return self.config.batch_size, self.config.max_length
+
+    @property
+    def inference_model(self) -> nn.Module:
+        """The model without dropout (evaluation, decoding)."""
+        return variant(self.model, deterministic=True)
+
+    def tokenize(self, stats: ip.TokenizeStats | None = None, keys: dict | None = None) -> ip.Tokenize:
+        return ip.Tokenize(self.tokenizer, keys or self.data.keys, self.config.max_length, stats)
+
+    def train_dataset(self, stats: ip.TokenizeStats | None = None):
+        """Endless, shuffled, packed (or padded) per-host batches of the train split."""
+        return self._dataset(self.config.train_split, self.tokenize(stats), train=True)
+
+    def eval_dataset(self, split: str | None = None):
+        """One pass over an eval split in order, unpacked, last batch padded with empty rows."""
+        ds = self._dataset(split or self.config.eval_split, self.tokenize(), train=False)
+        return ds.map(functools.partial(pad_rows, rows=self.host_batch_size))
+
+    def _dataset(self, split: str, tokenize: ip.Tokenize, *, train: bool):
+        c = self.config
+        return ip.make_dataset(
+            self.data.open(split),
+            tokenize,
+            batch_size=self.host_batch_size,
+            max_length=c.max_length,
+            pack=c.pack and train,
+            shuffle=train,
+            seed=c.seed,
+            num_epochs=None if train else 1,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            drop_remainder=train,
+        )
+
+    def abstract_state(self):
+        """(abstract TrainState, shardings), nothing allocated."""
+        return training.state_shardings(self.model, self.tx, self.task, self.batch_shape, self.mesh)
+
+    def init_state(self, rng: jax.Array):
+        """(TrainState, shardings), initialised directly sharded on the mesh."""
+        return training.create_train_state(self.model, self.tx, rng, self.task, self.batch_shape, self.mesh)
+
+    def train_step(self, shardings):
+        """The jitted train step: state sharded as `shardings` (donated), batch over data x fsdp."""
+        c = self.config
+        sampling = None
+        if c.scheduled_sampling_max_prob > 0:
+            sampling = training.linear_ramp(c.scheduled_sampling_max_prob, c.scheduled_sampling_ramp_steps)
+        step_fn = functools.partial(
+            training.train_step,
+            model=self.model,
+            tx=self.tx,
+            schedule=self.schedule,
+            task=self.task,
+            label_smoothing=c.label_smoothing,
+            grad_accum_steps=c.grad_accum_steps,
+            sampling_schedule=sampling,
+        )
+        with jax.set_mesh(self.mesh):
+            return jax.jit(
+                step_fn,
+                in_shardings=(shardings, sharding.batch_sharding(self.mesh), None),
+                out_shardings=(shardings, None),
+                donate_argnums=0,
+            )
+
+    def checkpointer(self, **kwargs) -> checkpoint.Checkpointer:
+        c = self.config
+        options = dict(save_every=c.checkpoint_every, keep=c.keep_checkpoints, async_save=c.async_checkpoints)
+        return checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), **{**options, **kwargs})
+
+    def restore_params(self, step: int | None = None):
+        """(step, params) of the newest (or given) readable checkpoint; never reads optimizer state."""
+        ckpt_dir = os.path.join(self.workdir, "checkpoints")
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(
+                f"no checkpoints in {ckpt_dir!r}; train first: python train.py --config=... "
+                f"--workdir={self.workdir}"
+            )
+        abstract = training.abstract_params(self.model, self.task, self.batch_shape, self.mesh)
+        ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1)
+        try:
+            restored = ckpt.restore_params(abstract, step=step)
+        finally:
+            ckpt.close()
+        if restored is None:
+            raise FileNotFoundError(f"{ckpt_dir!r} holds no checkpoint; train first with train.py.")
+        return restored
 
 
-# What a user can fix (bad config, missing or bad files, a full disk): one line, no traceback.
-USER_ERRORS = (ValueError, OSError)
+def build(
+    config, workdir: str | None, *, tokenizer: str = "train", vocab_size: int | None = None
+) -> Experiment:
+    """The experiment a config describes.
+
+    tokenizer: "train" (the workdir's spm.model, trained on the train split on first use; in
+    multi-process runs process 0 prepares data and tokenizer first), "load" (spm.model must exist:
+    evaluation of a trained workdir), or "none" (no data, no tokenizer: synthetic benchmarks,
+    with `vocab_size`).
+    """
+    validate(config)
+    task = tasks.get(config.task)
+    data, sp = None, None
+    if tokenizer == "none":
+        vocab = vocab_size
+    else:
+        data = Data.from_config(config, workdir, task)
+        sp = _tokenizer(config, workdir, data, train=tokenizer == "train")
+        vocab = sp.get_piece_size()
+    model = task.model_class(model_config(config, vocab))
+    tx, schedule = make_optimizer(config, model.config.d_model)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    return Experiment(config, workdir, task, data, sp, model, mesh, tx, schedule)
 
 
-def exit_with_error(e: BaseException) -> None:
-    """Print `error: <one line>` to stderr and end the process with status 1."""
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)  # everything is saved or closed by now; skip the shutdown noise of orbax's threads
+def _tokenizer(config, workdir: str, data: Data, *, train: bool):
+    path = os.path.join(workdir, "spm.model")
+    if not train:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no spm.model in {workdir!r}: is it the workdir of a train.py run?")
+        return load_sentencepiece(path)
+    options = dict(vocab_size=config.vocab_size, character_coverage=config.character_coverage)
+    return runtime.process_zero_first(
+        lambda: load_or_train(data.training_texts, path, **options), key="tokenizer_ready"
+    )
+
+
+def pad_rows(batch: dict, rows: int) -> dict:
+    """Pad a short final batch with all-padding rows (weight 0) to a fixed row count."""
+    n = next(iter(batch.values())).shape[0]
+    return {k: np.pad(v, ((0, rows - n), (0, 0))) for k, v in batch.items()} if n < rows else batch

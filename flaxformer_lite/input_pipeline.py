@@ -1,4 +1,4 @@
-"""From a TFDS data source to per-host batches with grain: tokenize, trim, pack or pad, batch.
+"""From a random-access data source to per-host batches with grain: tokenize, trim, pack or pad, batch.
 
 Batches are dicts of int32 numpy arrays [batch, max_length]: `inputs`/`targets` (translation) or
 `targets` (language modelling), each with `*_segment_ids` (0 = padding) and `*_positions`, the
@@ -10,65 +10,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
-from absl import logging
 
-from flaxformer_lite import datasets as _builders  # noqa: F401  (registers our TFDS builders)
-from flaxformer_lite.tokenizer import EOS_ID, load_or_train
-
-OUR_BUILDERS = ("bible_translate", "bible_lm", "tsv_translate", "text_lm")
-
-
-def open_source(name: str, split: str, data_dir: str, *, manual_dir: str | None = None, **builder_kwargs):
-    """Random-access TFDS source for `name` ("dataset/config") and `split`, built if it is ours.
-
-    Our builders are prepared into `data_dir` on first use (array_record, no TensorFlow). Any other
-    TFDS dataset must already be prepared there; otherwise the error says how.
-    """
-    builder = _builder(name, data_dir, **builder_kwargs)
-    if not builder.is_prepared():
-        if name.split("/")[0] not in OUR_BUILDERS:
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in {data_dir!r}. Prepare it once with "
-                f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` (machines "
-                "without internet need its files placed by hand; see the TFDS docs for the dataset)."
-            )
-        config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-        logging.info("preparing %s in %s", name, data_dir)
-        builder.download_and_prepare(file_format="array_record", download_config=config)
-    if split not in builder.info.splits:
-        raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-    if builder.info.splits[split].num_examples == 0:
-        raise ValueError(f"split {split!r} of {name!r} is empty; pick another split.")
-    return builder.as_data_source(split=split)
-
-
-def supervised_keys(name: str, data_dir: str, reverse: bool = False, **builder_kwargs) -> tuple[str, str]:
-    """(source feature, target feature) of a translation dataset, swapped if `reverse`."""
-    keys = _builder(name, data_dir, **builder_kwargs).info.supervised_keys
-    if not keys or len(keys) != 2:
-        raise ValueError(
-            f"dataset {name!r} declares no (source, target) supervised keys; it is not a translation set."
-        )
-    return (keys[1], keys[0]) if reverse else tuple(keys)
-
-
-def _builder(name: str, data_dir: str, manual_dir: str | None = None, **builder_kwargs):
-    del manual_dir  # read only when preparing (open_source); not a builder argument
-    try:
-        return tfds.builder(name, data_dir=data_dir, file_format="array_record", **builder_kwargs)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        # Without TensorFlow, TFDS reads catalog datasets from their prepared files only.
-        raise FileNotFoundError(
-            f"dataset {name!r} is not one of ours {OUR_BUILDERS} and is not prepared in {data_dir!r}. "
-            f"For a TFDS catalog dataset run `tfds build {name} --data_dir={data_dir} "
-            "--file_format=array_record` once (on a machine with its sources), then pass that data_dir; "
-            "otherwise check the name."
-        ) from e
+from flaxformer_lite.ids import EOS_ID
 
 
 def _text(value) -> str:
@@ -183,18 +129,6 @@ def _host_rows(ds: grain.MapDataset, rows: int, index: int, count: int) -> grain
     return grain.MapDataset.range(size).map(lambda j: ds[(j // rows) * block + index * rows + j % rows])
 
 
-def training_texts(source, features: list[str], max_examples: int = 2_000_000):
-    """Texts of the given features for tokenizer training (pass the *train* split only)."""
-    for i in range(min(len(source), max_examples)):
-        example = source[i]
-        for feature in features:
-            yield _text(example[feature])
-
-
-def default_data_dir(workdir: str) -> str:
-    return os.environ.get("TFDS_DATA_DIR") or os.path.join(workdir, "tfds")
-
-
 def token_counts(source, tokenize: Tokenize) -> dict[str, int]:
     """Total tokens (EOS included) per output feature of a whole split, for reports."""
     totals = collections.Counter()
@@ -202,23 +136,3 @@ def token_counts(source, tokenize: Tokenize) -> dict[str, int]:
         for name, ids in tokenize(source[i]).items():
             totals[name] += len(ids)
     return dict(totals)
-
-
-def get_tokenizer(
-    name: str,
-    data_dir: str,
-    model_path: str,
-    features: list[str],
-    *,
-    vocab_size: int,
-    character_coverage: float = 1.0,
-    max_examples: int = 2_000_000,
-    **builder_kwargs,
-):
-    """The SentencePiece model at `model_path`, trained first (on the *train* split only) if absent."""
-
-    def texts():
-        train = open_source(name, "train", data_dir, **builder_kwargs)
-        return training_texts(train, features, max_examples)
-
-    return load_or_train(texts, model_path, vocab_size=vocab_size, character_coverage=character_coverage)

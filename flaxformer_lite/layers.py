@@ -11,21 +11,23 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxformer_lite import ops
-from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.config import REMAT_POLICIES, ModelConfig
+from flaxformer_lite.sharding import (  # the logical axis names (one vocabulary, see sharding.py)
+    BATCH,
+    BUCKETS,
+    EMBED,
+    HEADS,
+    KV,
+    KV_HEADS,
+    LAYERS,
+    LENGTH,
+    MLP,
+    VOCAB,
+)
 
 Array = jax.Array
 
-# The logical axis names, used on params, on activations and in the sharding rule table.
-BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV = "batch", "length", "embed", "heads", "kv_heads", "kv"
-MLP, VOCAB, LAYERS, CLASSES, BUCKETS = "mlp", "vocab", "layers", "classes", "relpos_buckets"
-AXES = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV, MLP, VOCAB, LAYERS, CLASSES, BUCKETS)
 ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 class Dense(nn.Module):

@@ -13,12 +13,8 @@ from flax import linen as nn
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.sharding import CLASSES, EMBED, LENGTH, MLP, VOCAB
 from flaxformer_lite.layers import (
-    CLASSES,
-    EMBED,
-    LENGTH,
-    MLP,
-    VOCAB,
     DecoderLayer,
     Embed,
     EncoderLayer,
@@ -28,6 +24,11 @@ from flaxformer_lite.layers import (
 )
 
 Array = jax.Array
+
+
+def variant(model: nn.Module, **changes) -> nn.Module:
+    """The same model with config fields changed, e.g. `variant(model, deterministic=True)`."""
+    return model.clone(config=model.config.replace(**changes))
 
 
 def _default_positions(tokens: Array, positions: Array | None) -> Array:

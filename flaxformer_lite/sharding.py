@@ -16,20 +16,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# The logical axis names: on params (layers.py), on activations and in the rule table below.
+BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV = "batch", "length", "embed", "heads", "kv_heads", "kv"
+MLP, VOCAB, LAYERS, CLASSES, BUCKETS = "mlp", "vocab", "layers", "classes", "relpos_buckets"
+AXES = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV, MLP, VOCAB, LAYERS, CLASSES, BUCKETS)
+
 # Logical axis -> mesh axis (or None = replicated). A mesh axis already used by an earlier
 # dimension of the same array is skipped, so activations [batch, length, embed] keep embed whole.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("classes", None),
-    ("relpos_buckets", None),
+    (BATCH, ("data", "fsdp")),
+    (LENGTH, None),
+    (EMBED, "fsdp"),
+    (HEADS, "tensor"),
+    (KV_HEADS, "tensor"),
+    (KV, None),
+    (MLP, "tensor"),
+    (VOCAB, "tensor"),
+    (LAYERS, None),
+    (CLASSES, None),
+    (BUCKETS, None),
 )
 
 

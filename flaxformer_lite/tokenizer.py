@@ -1,8 +1,7 @@
 """SentencePiece: train a joint vocabulary on training text once, save it, reuse it.
 
-Ids follow the Flax examples: 0 = padding, 1 = end of sentence, 2 = unknown, no BOS; 3 is
-"<mask>" for masked language modelling. With
-byte fallback (default) characters never seen in training become byte pieces, never unknown.
+Reserved ids are in `flaxformer_lite.ids` (0 pad, 1 EOS, 2 unknown, 3 "<mask>"). With byte
+fallback (default) characters never seen in training become byte pieces, never unknown.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from collections.abc import Iterable
 import sentencepiece as spm
 from absl import logging
 
-PAD_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3
+from flaxformer_lite.ids import EOS_ID, PAD_ID, UNK_ID
 
 
 def train_sentencepiece(

@@ -18,10 +18,9 @@ import optax
 from flax import linen as nn
 
 from flaxformer_lite import ops
+from flaxformer_lite.models import variant
 from flaxformer_lite.sharding import DEFAULT_RULES, logical_shardings
-from flaxformer_lite.tokenizer import MASK_ID
-
-TASKS = ("translation", "lm", "mlm")
+from flaxformer_lite.tasks import Task
 
 
 @flax.struct.dataclass
@@ -84,41 +83,18 @@ def make_optimizer(
 # ------------------------------------------------------------------------------ state
 
 
-def example_batch(task: str, batch_size: int, length: int) -> dict:
-    """Zero batch with the keys and shapes a task's steps take (for init and shape checks)."""
-    names = ("inputs", "targets") if task == "translation" else ("targets",)
-    z = jnp.zeros((batch_size, length), jnp.int32)
-    return {f"{n}{s}": z for n in names for s in ("", "_segment_ids", "_positions")}
-
-
-def _model_args(task: str, batch: dict, decoder_inputs=None):
-    """Positional and keyword model arguments for a batch."""
-    if task == "translation":
-        return (batch["inputs"], decoder_inputs), dict(
-            inputs_segment_ids=batch["inputs_segment_ids"],
-            inputs_positions=batch["inputs_positions"],
-            decoder_segment_ids=batch["targets_segment_ids"],
-            decoder_positions=batch["targets_positions"],
-        )
-    return (decoder_inputs,), dict(
-        segment_ids=batch["targets_segment_ids"], positions=batch["targets_positions"]
-    )
-
-
-def _init_fn(model: nn.Module, tx, task: str, batch_shape: tuple[int, int]):
-    batch = example_batch(task, *batch_shape)
+def _init_fn(model: nn.Module, tx, task: Task, batch_shape: tuple[int, int]):
+    batch = task.example_batch(*batch_shape)
 
     def init(rng):
-        args, kwargs = _model_args(task, batch, batch["targets"])
-        params = model.init(rng, *args, **kwargs)["params"]
+        params = task.init(model, rng, batch)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return init
 
 
-def state_shardings(model: nn.Module, tx, task: str, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES):
-    """(abstract state, shardings): ShapeDtypeStructs carrying shardings, with nothing allocated."""
-    init = _init_fn(model, tx, task, batch_shape)
+def _abstract(init, mesh, rules):
+    """(ShapeDtypeStructs carrying shardings, shardings) of what `init(rng)` returns, nothing allocated."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init, jax.random.key(0))
     shardings = logical_shardings(boxed, mesh, rules)
@@ -128,8 +104,21 @@ def state_shardings(model: nn.Module, tx, task: str, batch_shape: tuple[int, int
     return abstract, shardings
 
 
+def state_shardings(
+    model: nn.Module, tx, task: Task, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES
+):
+    """(abstract state, shardings): ShapeDtypeStructs carrying shardings, with nothing allocated."""
+    return _abstract(_init_fn(model, tx, task, batch_shape), mesh, rules)
+
+
+def abstract_params(model: nn.Module, task: Task, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES):
+    """Params as ShapeDtypeStructs with their shardings (to restore params alone, for inference)."""
+    batch = task.example_batch(*batch_shape)
+    return _abstract(lambda rng: task.init(model, rng, batch)["params"], mesh, rules)[0]
+
+
 def create_train_state(
-    model: nn.Module, tx, rng, task: str, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES
+    model: nn.Module, tx, rng, task: Task, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES
 ):
     """Initialise params and optimizer state directly sharded on `mesh`. Returns (state, shardings)."""
     init = _init_fn(model, tx, task, batch_shape)
@@ -142,33 +131,10 @@ def create_train_state(
 # ------------------------------------------------------------------------------ losses
 
 
-def _forward(model, task, params, batch, rng, decoder_inputs=None):
-    """(logits, targets, weights) for a batch; dropout from `rng`."""
-    rngs = {"dropout": rng}
-    targets = batch["targets"]
-    weights = (batch["targets_segment_ids"] > 0).astype(jnp.float32)
-    if task == "mlm":
-        mask_rng, rng = jax.random.split(rng)
-        masked = jax.random.bernoulli(mask_rng, 0.15, targets.shape) & (weights > 0)
-        inputs = jnp.where(masked, MASK_ID, targets)
-        logits, _ = model.apply(
-            {"params": params},
-            inputs,
-            segment_ids=batch["targets_segment_ids"],
-            positions=batch["targets_positions"],
-            rngs={"dropout": rng},
-        )
-        return logits, targets, masked.astype(jnp.float32)
-    if decoder_inputs is None:
-        decoder_inputs = ops.shift_right(targets, batch["targets_segment_ids"])
-    args, kwargs = _model_args(task, batch, decoder_inputs)
-    return model.apply({"params": params}, *args, rngs=rngs, **kwargs), targets, weights
-
-
-def _scheduled_sampling_inputs(model, params, batch, rng, prob):
+def _scheduled_sampling_inputs(model, task: Task, params, batch, rng, prob):
     """Decoder inputs where each gold token is replaced by the model's own argmax with `prob`."""
     gold = batch["targets"]
-    logits, _, weights = _forward(model, "translation", params, batch, rng)
+    logits, _, weights = task.forward(model, params, batch, rng)
     preds = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1)).astype(gold.dtype)
     coin = jax.random.bernoulli(jax.random.fold_in(rng, 1), prob, gold.shape) & (weights > 0)
     return ops.shift_right(jnp.where(coin, preds, gold), batch["targets_segment_ids"])
@@ -178,8 +144,8 @@ def loss_sums(params, batch, rng, *, model, task, label_smoothing=0.0, sampling_
     """(smoothed loss sum, (weight sum, NLL sum, correct count)) over a batch."""
     decoder_inputs = None
     if sampling_prob is not None:
-        decoder_inputs = _scheduled_sampling_inputs(model, params, batch, rng, sampling_prob)
-    logits, targets, weights = _forward(model, task, params, batch, rng, decoder_inputs)
+        decoder_inputs = _scheduled_sampling_inputs(model, task, params, batch, rng, sampling_prob)
+    logits, targets, weights = task.forward(model, params, batch, rng, decoder_inputs)
     loss, denom = ops.cross_entropy(logits, targets, weights, label_smoothing)
     nll, _ = ops.cross_entropy(logits, targets, weights) if label_smoothing else (loss, denom)
     correct, _ = ops.accuracy(logits, targets, weights)
@@ -197,7 +163,7 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     schedule: Callable,
-    task: str,
+    task: Task,
     label_smoothing: float = 0.0,
     grad_accum_steps: int = 1,
     sampling_schedule: Callable | None = None,
@@ -241,10 +207,10 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, model: nn.Module, task: str) -> dict:
+def eval_step(params, batch: dict, *, model: nn.Module, task: Task) -> dict:
     """Sums (not means) of NLL, weights and correct tokens, to be added over batches."""
-    deterministic = model.clone(config=model.config.replace(deterministic=True))
-    nll, (denom, _, correct) = loss_sums(params, batch, jax.random.key(0), model=deterministic, task=task)
+    model = variant(model, deterministic=True)
+    nll, (denom, _, correct) = loss_sums(params, batch, jax.random.key(0), model=model, task=task)
     return {"nll_sum": nll, "weight_sum": denom, "correct_sum": correct}
 
 

@@ -7,7 +7,9 @@ import argparse
 import json
 import os
 
+from flaxformer_lite import datasets
 from flaxformer_lite import input_pipeline as ip
+from flaxformer_lite.tokenizer import load_or_train
 
 SETS = {"bible_translate/en-de": ["en", "de"], "bible_translate/en-fr": ["en", "fr"], "bible_lm": ["text"]}
 
@@ -21,10 +23,13 @@ def main():
     report = {}
     for name, features in SETS.items():
         model = os.path.join(args.workdir, name.replace("/", "_") + ".model")
-        sp = ip.get_tokenizer(name, args.data_dir, model, features, vocab_size=args.vocab_size)
+        texts = lambda n=name, f=features: datasets.training_texts(
+            datasets.open_source(n, "train", args.data_dir), f
+        )  # noqa: E731
+        sp = load_or_train(texts, model, vocab_size=args.vocab_size)
         tok = ip.Tokenize(sp, {f: f for f in features}, max_length=10**6)
         for split in ("train", "validation", "test"):
-            src = ip.open_source(name, split, args.data_dir)
+            src = datasets.open_source(name, split, args.data_dir)
             report[f"{name}:{split}"] = {"examples": len(src), "tokens": ip.token_counts(src, tok)}
             print(json.dumps({f"{name}:{split}": report[f"{name}:{split}"]}), flush=True)
     print(json.dumps(report, indent=1))

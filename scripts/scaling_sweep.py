@@ -40,7 +40,7 @@ def non_embedding_params(config) -> int:
 
     from flaxformer_lite import experiment
 
-    model = experiment.make_model(config, config.vocab_size)
+    model = experiment.build(config, None, tokenizer="none", vocab_size=config.vocab_size).model
     shapes = nn.unbox(
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32)))["params"]
     )

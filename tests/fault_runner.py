@@ -15,7 +15,7 @@ from absl import app
 from orbax.checkpoint._src.path import atomicity
 
 import train
-from flaxformer_lite import experiment
+from flaxformer_lite import cli
 
 KILL_STEP = os.environ.get("FAULT_KILL_IN_COMMIT_OF_STEP")
 _finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -36,4 +36,4 @@ if __name__ == "__main__":
         limit = int(os.environ["FAULT_MAX_FILE_BYTES"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     train.define_flags()
-    app.run(train.main, flags_parser=experiment.parse_flags)
+    app.run(train.main, flags_parser=cli.parse_flags)

@@ -43,7 +43,7 @@ def prepared(session_dir):
         if not (root / "prep" / "spm.model").exists():
             config = tiny_config.get_config()
             config.data_dir = str(root / "tfds")
-            experiment.tokenizer(config, str(root / "prep"))
+            experiment.build(config, str(root / "prep"))  # prepares the data, trains spm.model
     return str(root / "tfds"), str(root / "prep" / "spm.model")
 
 

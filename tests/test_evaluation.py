@@ -6,7 +6,7 @@ import sacrebleu
 from flax import linen as nn
 
 import flaxformer_lite as fl
-from flaxformer_lite import evaluation, ops, sharding
+from flaxformer_lite import evaluation, ops, sharding, tasks
 from flaxformer_lite.tokenizer import EOS_ID, train_sentencepiece
 from tests import reference
 
@@ -26,7 +26,7 @@ def test_perplexity_is_exp_of_mean_nll_over_real_tokens():
     batch = _batch()
     params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(batch["targets"]))["params"])
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    got = evaluation.evaluate_loss(params, model, "lm", [batch], mesh)
+    got = evaluation.evaluate_loss(params, model, tasks.LM, [batch], mesh)
     logits = model.apply({"params": params}, ops.shift_right(jnp.asarray(batch["targets"])))
     logp = reference.log_softmax(np.asarray(logits))
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]

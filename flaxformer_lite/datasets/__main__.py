@@ -7,14 +7,14 @@ python -m flaxformer_lite.datasets tsv_translate --manual_dir=~/my_corpus --data
 import argparse
 import os
 
-from flaxformer_lite import input_pipeline as ip
+from flaxformer_lite import datasets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("name", help=f"one of {ip.OUR_BUILDERS} (with /config where it has configs)")
+    parser.add_argument("name", help=f"one of {datasets.OUR_BUILDERS} (with /config where it has configs)")
     parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
     parser.add_argument("--manual_dir", default=None, help="folder with your files (tsv_translate, text_lm)")
     parser.add_argument(
@@ -27,9 +27,8 @@ def main() -> None:
     data_dir = os.path.expanduser(args.data_dir)
     for split in ("train", "validation", "test"):
         try:
-            print(
-                f"{args.name} {split}: {len(ip.open_source(args.name, split, data_dir, **kwargs))} examples"
-            )
+            source = datasets.open_source(args.name, split, data_dir, **kwargs)
+            print(f"{args.name} {split}: {len(source)} examples")
         except ValueError as e:
             if "has no split" not in str(e):
                 raise

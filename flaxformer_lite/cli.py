@@ -1,0 +1,43 @@
+"""What the command-line scripts share: flag parsing and errors as one line, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+# What a user can fix (bad config, missing or bad files, a full disk): one line, no traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def parse_flags(argv):
+    """absl flags parser for the scripts: a bad --config.x override is a one-line error, not a traceback."""
+    try:
+        argv = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+            flags.FLAGS.config.keys()  # a config file that failed to load raises here, not later
+        return argv
+    except OSError as e:
+        sys.exit(f"error: cannot load --config: {one_line(e.__cause__ or e)}")
+    except flags.Error as e:  # a missing required flag, a value of the wrong type, a bad config file
+        sys.exit(f"error: {one_line(e)} (see {os.path.basename(argv[0])} --helpfull)")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        sys.exit(f"error: bad --config override: {one_line(e)}")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (KeyError's own quotes removed)."""
+    text = str(e)
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        text = e.args[0]  # str(KeyError) wraps the message in quotes
+    text = text.replace("\\n", "\n").replace("\\'", "'")
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def exit_with_error(e: BaseException) -> None:
+    """Print `error: <one line>` to stderr and end the process with status 1."""
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # everything is saved or closed by now; skip the shutdown noise of orbax's threads

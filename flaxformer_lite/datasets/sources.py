@@ -1,0 +1,71 @@
+"""Open a TFDS dataset as a random-access source, preparing our own builders on first use."""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow_datasets as tfds
+from absl import logging
+
+OUR_BUILDERS = ("bible_translate", "bible_lm", "tsv_translate", "text_lm")
+
+
+def default_data_dir(workdir: str) -> str:
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(workdir, "tfds")
+
+
+def open_source(name: str, split: str, data_dir: str, *, manual_dir: str | None = None, **builder_kwargs):
+    """Random-access TFDS source for `name` ("dataset/config") and `split`, built if it is ours.
+
+    Our builders are prepared into `data_dir` on first use (array_record, no TensorFlow). Any other
+    TFDS dataset must already be prepared there; otherwise the error says how.
+    """
+    builder = _builder(name, data_dir, **builder_kwargs)
+    if not builder.is_prepared():
+        if name.split("/")[0] not in OUR_BUILDERS:
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not prepared in {data_dir!r}. Prepare it once with "
+                f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` (machines "
+                "without internet need its files placed by hand; see the TFDS docs for the dataset)."
+            )
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+        logging.info("preparing %s in %s", name, data_dir)
+        builder.download_and_prepare(file_format="array_record", download_config=config)
+    if split not in builder.info.splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+    if builder.info.splits[split].num_examples == 0:
+        raise ValueError(f"split {split!r} of {name!r} is empty; pick another split.")
+    return builder.as_data_source(split=split)
+
+
+def supervised_keys(name: str, data_dir: str, reverse: bool = False, **builder_kwargs) -> tuple[str, str]:
+    """(source feature, target feature) of a translation dataset, swapped if `reverse`."""
+    keys = _builder(name, data_dir, **builder_kwargs).info.supervised_keys
+    if not keys or len(keys) != 2:
+        raise ValueError(
+            f"dataset {name!r} declares no (source, target) supervised keys; it is not a translation set."
+        )
+    return (keys[1], keys[0]) if reverse else tuple(keys)
+
+
+def _builder(name: str, data_dir: str, manual_dir: str | None = None, **builder_kwargs):
+    del manual_dir  # read only when preparing (open_source); not a builder argument
+    try:
+        return tfds.builder(name, data_dir=data_dir, file_format="array_record", **builder_kwargs)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        # Without TensorFlow, TFDS reads catalog datasets from their prepared files only.
+        raise FileNotFoundError(
+            f"dataset {name!r} is not one of ours {OUR_BUILDERS} and is not prepared in {data_dir!r}. "
+            f"For a TFDS catalog dataset run `tfds build {name} --data_dir={data_dir} "
+            "--file_format=array_record` once (on a machine with its sources), then pass that data_dir; "
+            "otherwise check the name."
+        ) from e
+
+
+def training_texts(source, features: list[str], max_examples: int = 2_000_000):
+    """Texts of the given features for tokenizer training (pass the *train* split only)."""
+    for i in range(min(len(source), max_examples)):
+        example = source[i]
+        for feature in features:
+            value = example[feature]
+            yield value.decode("utf-8") if isinstance(value, bytes) else str(value)

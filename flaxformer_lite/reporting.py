@@ -1,0 +1,115 @@
+"""What a training run reports: metrics.jsonl, TensorBoard events, loss.png, and the metric window."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from flaxformer_lite.runtime import TrainingError
+
+
+class QuietLibraries:
+    """absl log filter: INFO chatter of orbax, TFDS and grain hidden; their warnings still shown."""
+
+    NOISY = ("orbax", "tensorflow_datasets", "grain", "etils")
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not any(f"/{n}/" in record.pathname for n in self.NOISY)
+
+
+class Logger:
+    """metrics.jsonl (append) and TensorBoard events, written by process 0 only."""
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_rows_after(path, resume_step)
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.jsonl = open(path, "a")
+
+    def write(self, step: int, prefix: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in values.items() if np.ndim(v) == 0 and not isinstance(v, str)}
+        for k, v in scalars.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Forget metrics.jsonl rows past the step a run resumes from (they are about to be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) < len(lines):
+        logging.info("metrics.jsonl: %d rows after step %d will be recomputed", len(lines) - len(keep), step)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def plot_losses(workdir: str) -> None:
+    """loss.png from metrics.jsonl: train and eval NLL per token against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, key in (("train", "nll"), ("eval", "nll")):  # same quantity: unsmoothed NLL
+        pts = sorted((r["step"], r[key]) for r in rows if r["split"] == split and key in r)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=f"{split} {key}", marker="." if split == "eval" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.set_title(os.path.basename(os.path.abspath(workdir)))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "loss.png"), dpi=100)
+    plt.close(fig)
+
+
+class MetricsWindow:
+    """Step metrics kept on device until a sync; a sync stops the run on a non-finite loss."""
+
+    def __init__(self, step: int):
+        self.pending, self.last_time, self.last_step = [], time.time(), step
+
+    def add(self, step: int, metrics) -> None:
+        self.pending.append((step, metrics))
+
+    def sync(self, step: int, last_good: str) -> dict:
+        """Mean metrics since the last sync, with tokens/s and steps/s measured on the host."""
+        fetched = [(s, jax.device_get(m)) for s, m in self.pending]
+        self.pending.clear()
+        for s, m in fetched:
+            if not np.isfinite(m["loss"]):
+                raise TrainingError(
+                    f"loss became {m['loss']} at step {s}; the last good checkpoint ({last_good}) is kept. "
+                    "Lower learning_rate, enable clip_norm, or check the data."
+                )
+        if not fetched:
+            return {}
+        elapsed = max(time.time() - self.last_time, 1e-9)
+        summary = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+        summary["tokens_per_sec"] = sum(float(m["tokens"]) for _, m in fetched) / elapsed
+        summary["steps_per_sec"] = (step - self.last_step) / elapsed
+        self.last_time, self.last_step = time.time(), step
+        return summary
