@@ -14,12 +14,13 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxformer_lite import cli, evaluation, experiment, tasks
+from flaxformer_lite import cli, decoding, evaluation, experiment, tasks
 
 
 def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_examples: int,
              batch_size: int, step: int | None = None) -> dict:  # fmt: skip
     """Evaluate the trained workdir on `split`, write the outputs, return the summary."""
+    decoding.check_options(beam_size=beams, alpha=alpha)
     exp = experiment.build(config, workdir, tokenizer="load")
     step, params = exp.restore_params(step)
     decode = None

@@ -38,33 +38,9 @@ def define_flags() -> None:
     flags.DEFINE_string("hf_dir", None, "A transformers checkpoint dir (instead of config+workdir).")
 
 
-def check_decoding_flags(*, beam_size=4, alpha=0.6, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=64):
-    """One ValueError naming the first bad decoding option."""
-    for ok, what in (
-        (beam_size >= 1, f"--beam_size={beam_size} must be at least 1 (1 = greedy)"),
-        (alpha >= 0, f"--alpha={alpha} must be >= 0"),
-        (temperature >= 0, f"--temperature={temperature} must be >= 0 (0 = greedy)"),
-        (top_k >= 0, f"--top_k={top_k} must be >= 0 (0 = all tokens)"),
-        (0 < top_p <= 1, f"--top_p={top_p} must be in (0, 1]"),
-        (max_new_tokens >= 1, f"--max_new_tokens={max_new_tokens} must be at least 1"),
-    ):
-        if not ok:
-            raise ValueError(what)
-
-
-def text_lines(lines, counts: dict):
-    """Lines as text; bytes that are not UTF-8 become U+FFFD and are counted."""
-    for line in lines:
-        if isinstance(line, bytes):
-            text = line.decode("utf-8", errors="replace")
-            counts["replaced_bytes"] += text.count("\ufffd") - line.count("\ufffd".encode())
-            line = text
-        yield line.rstrip("\r\n")
-
-
 def run(config, workdir: str, lines, out, err, *, seed=0, **options) -> dict:
     """Process `lines` (str or bytes), writing one line to `out` for each; returns what was counted."""
-    check_decoding_flags(**options)
+    decoding.check_options(**options)
     exp = experiment.build(config, workdir, tokenizer="load")
     if not (exp.task.translates or exp.task.generates):
         raise ValueError(f"generate.py translates or continues text; task {exp.task.name!r} does neither.")
@@ -97,7 +73,7 @@ def run(config, workdir: str, lines, out, err, *, seed=0, **options) -> dict:
                 ids = ids[-max_length:]
             return decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))
 
-    for i, text in enumerate(text_lines(lines, counts)):
+    for i, text in enumerate(cli.text_lines(lines, counts)):
         counts["lines"] += 1
         if not text.strip():
             counts["empty"] += 1
@@ -124,7 +100,7 @@ def run_hf(hf_dir: str, lines, out, *, max_new_tokens=64, seed=0, **sample_kwarg
     from flaxformer_lite import interop
     from flaxformer_lite.models import DecoderOnly
 
-    check_decoding_flags(max_new_tokens=max_new_tokens, **sample_kwargs)
+    decoding.check_options(max_new_tokens=max_new_tokens, **sample_kwargs)
     cfg, params = interop.from_hf(hf_dir)
     tok = interop.load_tokenizer(hf_dir)
     eos = json.load(open(os.path.join(hf_dir, "config.json"))).get("eos_token_id")
@@ -136,7 +112,7 @@ def run_hf(hf_dir: str, lines, out, *, max_new_tokens=64, seed=0, **sample_kwarg
         )
     )
     counts = {"lines": 0, "empty": 0, "trimmed": 0, "replaced_bytes": 0}
-    for i, text in enumerate(text_lines(lines, counts)):
+    for i, text in enumerate(cli.text_lines(lines, counts)):
         counts["lines"] += 1
         ids = tok.encode(text)
         if not ids:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import jax
 import tqdm
@@ -31,9 +32,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
     runtime.initialize_distributed(config)  # first: any JAX call would fix a single-process backend
     experiment.validate(config)
     runtime.prepare_workdir(workdir)
-    logging.info("devices: %s; process %d of %d", jax.devices(), jax.process_index(), jax.process_count())
-    exp = experiment.build(config, workdir)
-    logging.info("model config: %s", exp.model.config)
+    lock = runtime.WorkdirLock(workdir)
+    stop = runtime.StopRequests()
+    try:
+        logging.info("devices: %s; process %d of %d", jax.devices(), jax.process_index(), jax.process_count())
+        exp = experiment.build(config, workdir)
+        logging.info("model config: %s", exp.model.config)
+        state = train(exp, stop)
+        final = evaluate(exp, state.params, with_bleu=True)
+    finally:
+        stop.close()
+        lock.release()
+    logger = reporting.Logger(workdir, resume_step=config.num_train_steps)
+    logger.write(config.num_train_steps, "eval", final)
+    logger.close()
+    logging.info("final eval: %s", _printable(final))
+    if jax.process_index() == 0:
+        reporting.plot_losses(workdir)
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(final, f, indent=1)
+    return final
+
+
+def train(exp, stop: runtime.StopRequests):
+    """The training loop, from the newest checkpoint; returns the final state."""
+    config, workdir = exp.config, exp.workdir
     state, shardings = exp.init_state(jax.random.key(config.seed))
     runtime.check_room_for_checkpoints(state, workdir, config.keep_checkpoints)
     stats = ip.TokenizeStats()
@@ -52,25 +75,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
         total=config.num_train_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
         disable=jax.process_index() != 0,
     )  # fmt: skip
+    stopped = None
     with jax.set_mesh(exp.mesh), ckpt.finishing_saves():
         for step in range(start + 1, config.num_train_steps + 1):
             batch = sharding.global_batch(next(train_iter), exp.mesh)
             state, metrics = train_step(state, batch, dropout_rng)
             window.add(step, metrics)
             bar.update(1)
-            is_last = step == config.num_train_steps
-            log, save = (
-                step % config.log_every == 0 or is_last,
-                step % config.checkpoint_every == 0 or is_last,
-            )
+            is_last, stopped = step == config.num_train_steps, stop.requested(step, ckpt.manager)
+            log = step % config.log_every == 0 or is_last or stopped
+            save = step % config.checkpoint_every == 0 or is_last or stopped
             if log or save:
                 # Before any save: a non-finite loss stops the run here, so it is never checkpointed.
-                summary = window.sync(step, last_good=ckpt.describe_latest())
+                summary = window.sync(step, last_good=ckpt.set_aside_unhealthy)
                 if log:
                     logger.write(step, "train", summary)
                     bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
             if save:
-                ckpt.save(step, state, train_iter, config_json, force=is_last)
+                loss, force = summary["loss"], is_last or bool(stopped)
+                ckpt.save(
+                    step, state, train_iter, config_json, force=force, loss=loss, healthy=window.healthy(loss)
+                )
+            if stopped:
+                break
             if config.eval_every and step % config.eval_every == 0 and not is_last:
                 with_bleu = bool(config.bleu_every) and step % config.bleu_every == 0
                 result = evaluate(exp, state.params, with_bleu)
@@ -78,16 +105,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 logging.info("step %d eval: %s", step, _printable(result))
     bar.close()
     ckpt.close()
-    logging.info("tokenization: %s", stats.report())
-    final = evaluate(exp, state.params, with_bleu=True)
-    logger.write(config.num_train_steps, "eval", final)
-    logging.info("final eval: %s", _printable(final))
     logger.close()
-    if jax.process_index() == 0:
-        reporting.plot_losses(workdir)
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=1)
-    return final
+    logging.info("tokenization: %s", stats.report())
+    if stopped:
+        message = f"saved step {step} after {stopped}; rerun the same command to resume"
+        raise runtime.Stopped(message, 128 + getattr(signal, stopped))
+    return state
 
 
 def _printable(result: dict) -> dict:
@@ -100,6 +123,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(reporting.QuietLibraries())
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except runtime.Stopped as e:
+        cli.exit_with_error(e, status=e.exit_code, prefix="")
     except (runtime.TrainingError, *cli.USER_ERRORS) as e:
         cli.exit_with_error(e)
 

@@ -13,6 +13,7 @@ flaxformer_lite 0.1 (one `state` item) still restore.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -54,14 +55,30 @@ def _check_shapes(saved_tree, abstract_state, step: int, ckpt: Checkpointer) -> 
         raise CheckpointMismatchError(f"checkpoint has parameters the model lacks: {extra[:5]}. {fix}")
 
 
+@dataclasses.dataclass
+class _NewestHealthy:
+    """orbax preservation policy: never delete the newest checkpoint saved with a healthy loss."""
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        healthy = [i for i, c in enumerate(checkpoints) if (c.metrics or {}).get("healthy", 1.0) > 0]
+        return [bool(healthy) and i == healthy[-1] for i in range(len(checkpoints))]
+
+
 class Checkpointer:
-    """Saves every `save_every` steps (and when forced), keeps the newest `keep`, asynchronously."""
+    """Saves every `save_every` steps (and when forced), keeps the newest `keep`, asynchronously.
+
+    The newest checkpoint whose loss was healthy (see `save`) is kept as well, however many
+    unhealthy ones come after it, so a run that diverges can always go back to it.
+    """
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        policies = ocp.checkpoint_managers
+        keep_policy = policies.AnyPreservationPolicy([policies.LatestN(keep), _NewestHealthy()])
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
-            max_to_keep=keep,
+            preservation_policy=keep_policy,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -76,8 +93,14 @@ class Checkpointer:
         # Handlers registered up front so a new process can read metadata before any save.
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    def save(self, step: int, state, data_iterator=None, config: dict | None = None, *, force=False) -> bool:
-        """Start saving (returns at once when async); True if this step was saved."""
+    def save(
+        self, step: int, state, data_iterator=None, config: dict | None = None, *, force=False, loss=None,
+        healthy: bool = True,
+    ) -> bool:  # fmt: skip
+        """Start saving (returns at once when async); True if this step was saved.
+
+        `loss` and `healthy` (the loss was finite and not exploding) are stored with the step.
+        """
         opt = {"step": state.step, "opt_state": state.opt_state}
         items = {"params": ocp.args.StandardSave(state.params), "opt": ocp.args.StandardSave(opt)}
         if data_iterator is not None:
@@ -86,7 +109,8 @@ class Checkpointer:
             items["config"] = ocp.args.JsonSave(config)
         self.wait()  # an error of the previous (async) save surfaces here, under its own step
         with self._write_errors(step):
-            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            metrics = {"healthy": float(healthy), **({} if loss is None else {"loss": float(loss)})}
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
         self._saving = step if saved else None
         return saved
 
@@ -123,6 +147,25 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def set_aside_unhealthy(self) -> str:
+        """After divergence: move every step newer than the newest healthy one aside, describe what is kept.
+
+        A rerun then resumes from the healthy step, not from a diverged one.
+        """
+        self.wait()
+        infos = {s: (self.manager.metrics(s) or {}) for s in self.steps()}
+        healthy = [s for s in sorted(infos) if infos[s].get("healthy", 1.0) > 0]
+        keep = healthy[-1] if healthy else None
+        moved = [s for s in sorted(infos) if keep is None or s > keep]
+        for s in moved:
+            self._move_aside(s, None, suffix="diverged")
+        what = f"step {keep} in {self.directory}" if keep is not None else f"none in {self.directory}"
+        if moved:
+            what += (
+                f"; the newer checkpoints {moved} had exploding losses and were moved aside (*.diverged-*)"
+            )
+        return what
 
     def describe_latest(self) -> str:
         """'step N in DIR' for the newest checkpoint started so far, for error messages."""
@@ -231,20 +274,18 @@ class Checkpointer:
             trees[name] = tree
         return trees
 
-    def _move_aside(self, step: int, error: Exception) -> None:
-        """Rename an unreadable step to `<step>.corrupt-<time>` (kept for inspection, never read)."""
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    def _move_aside(self, step: int, error: Exception | None, suffix: str = "corrupt") -> None:
+        """Rename a step to `<step>.<suffix>-<time>` (kept for inspection, never read again)."""
         src = os.path.join(self.directory, str(step))
-        dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        dst = f"{src}.{suffix}-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0 and os.path.isdir(src):
             os.replace(src, dst)
-        logging.warning(
-            "checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the previous one",
-            step,
-            self.directory,
-            reason,
-            os.path.basename(dst),
-        )
+        if error is not None:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            logging.warning(
+                "checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the previous one",
+                step, self.directory, reason, os.path.basename(dst),
+            )  # fmt: skip
         barrier = ocp.multihost.get_barrier_sync_fn()  # every process sees the rename before reloading
         barrier(key=f"flaxformer_lite:moved_aside_{step}", timeout_ms=300_000)
         self.manager.reload()

@@ -35,9 +35,19 @@ def one_line(e: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-def exit_with_error(e: BaseException) -> None:
-    """Print `error: <one line>` to stderr and end the process with status 1."""
-    print(f"error: {one_line(e)}", file=sys.stderr)
+def exit_with_error(e: BaseException, status: int = 1, prefix: str = "error: ") -> None:
+    """Print `error: <one line>` to stderr and end the process with `status`."""
+    print(f"{prefix}{one_line(e)}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)  # everything is saved or closed by now; skip the shutdown noise of orbax's threads
+    os._exit(status)  # everything is saved or closed by now; skip the shutdown noise of orbax's threads
+
+
+def text_lines(lines, counts: dict):
+    """Lines as text; bytes that are not UTF-8 become U+FFFD and are counted."""
+    for line in lines:
+        if isinstance(line, bytes):
+            text = line.decode("utf-8", errors="replace")
+            counts["replaced_bytes"] += text.count("\ufffd") - line.count("\ufffd".encode())
+            line = text
+        yield line.rstrip("\r\n")

@@ -119,6 +119,20 @@ def strip_after_eos(ids) -> list[list[int]]:
     return out
 
 
+def check_options(*, beam_size=4, alpha=0.6, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=64):
+    """Raise a ValueError naming the first bad decoding option (as its command-line flag)."""
+    for ok, what in (
+        (beam_size >= 1, f"--beam_size={beam_size} must be at least 1 (1 = greedy)"),
+        (alpha >= 0, f"--alpha={alpha} must be >= 0"),
+        (temperature >= 0, f"--temperature={temperature} must be >= 0 (0 = greedy)"),
+        (top_k >= 0, f"--top_k={top_k} must be >= 0 (0 = all tokens)"),
+        (0 < top_p <= 1, f"--top_p={top_p} must be in (0, 1]"),
+        (max_new_tokens >= 1, f"--max_new_tokens={max_new_tokens} must be at least 1"),
+    ):
+        if not ok:
+            raise ValueError(what)
+
+
 # ------------------------------------------------------------------------------ beam search
 
 NEG_INF = -1.0e7

@@ -24,6 +24,12 @@ from flaxformer_lite.config import ModelConfig, preset
 from flaxformer_lite.models import variant
 from flaxformer_lite.tokenizer import load_or_train, load_sentencepiece
 
+# ModelConfig fields that change how a model runs, not what it computes.
+NOT_ARCHITECTURE = (
+    "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "deterministic", "decode",
+    "dropout_rate", "attention_dropout_rate", "max_len", "init_std",
+)  # fmt: skip
+
 
 def validate(config) -> None:
     """Fail early, naming the field and the fix."""
@@ -97,7 +103,7 @@ class Data:
         kwargs = {"manual_dir": config.manual_dir} if config.manual_dir else {}
         if config.db_path and config.dataset_name.startswith("bible_"):
             kwargs["db_path"] = config.db_path
-        data_dir = config.data_dir or datasets.default_data_dir(workdir)
+        data_dir = datasets.prepared_dir(config.data_dir or datasets.default_data_dir(workdir), **kwargs)
         keys = {"targets": "text"}
         if task.paired:
             src, tgt = datasets.supervised_keys(
@@ -219,11 +225,32 @@ class Experiment:
         ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1)
         try:
             restored = ckpt.restore_params(abstract, step=step)
+            if restored is not None:
+                self._check_model_matches(ckpt.saved_config(restored[0]), restored[0])
         finally:
             ckpt.close()
         if restored is None:
             raise FileNotFoundError(f"{ckpt_dir!r} holds no checkpoint; train first with train.py.")
         return restored
+
+    def _check_model_matches(self, saved: dict | None, step: int) -> None:
+        """Refuse params trained with other architecture fields (same shapes, other function)."""
+        if not saved or "model" not in saved:
+            return
+        saved = ml_collections.ConfigDict(saved)
+        theirs = model_config(saved, self.model.config.vocab_size)
+        ours = self.model.config
+        differ = [
+            f"{f.name}={getattr(theirs, f.name)!r} in the checkpoint but {getattr(ours, f.name)!r} here"
+            for f in dataclasses.fields(ours)
+            if f.name not in NOT_ARCHITECTURE and getattr(theirs, f.name) != getattr(ours, f.name)
+        ]
+        if differ:
+            raise checkpoint.CheckpointMismatchError(
+                f"the checkpoint of step {step} in {self.workdir!r} was trained with another model: "
+                + "; ".join(differ)
+                + ". Use the config it was trained with (or set those --config.model.overrides)."
+            )
 
 
 def build(
@@ -248,6 +275,14 @@ def build(
     model = task.model_class(model_config(config, vocab))
     tx, schedule = make_optimizer(config, model.config.d_model)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % split or (config.batch_size // config.grad_accum_steps) % split:
+        raise ValueError(
+            f"bad config: batch_size={config.batch_size} (over grad_accum_steps={config.grad_accum_steps}) "
+            f"does not split over the {split} devices that share a batch (mesh_data x mesh_fsdp = "
+            f"{mesh.shape['data']} x {mesh.shape['fsdp']}); use a multiple of "
+            f"{split * config.grad_accum_steps} or change the mesh sizes."
+        )
     return Experiment(config, workdir, task, data, sp, model, mesh, tx, schedule)
 
 

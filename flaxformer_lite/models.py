@@ -13,7 +13,6 @@ from flax import linen as nn
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
-from flaxformer_lite.sharding import CLASSES, EMBED, LENGTH, MLP, VOCAB
 from flaxformer_lite.layers import (
     DecoderLayer,
     Embed,
@@ -22,6 +21,7 @@ from flaxformer_lite.layers import (
     dense,
     run_layers,
 )
+from flaxformer_lite.sharding import CLASSES, EMBED, LENGTH, MLP, VOCAB
 
 Array = jax.Array
 

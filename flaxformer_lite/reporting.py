@@ -86,24 +86,36 @@ def plot_losses(workdir: str) -> None:
     plt.close(fig)
 
 
+EXPLODING = 3.0  # a loss above this multiple of the run's median so far counts as diverging
+
+
 class MetricsWindow:
     """Step metrics kept on device until a sync; a sync stops the run on a non-finite loss."""
 
     def __init__(self, step: int):
         self.pending, self.last_time, self.last_step = [], time.time(), step
+        self.losses = []  # the mean loss of every sync so far (this process's run)
+
+    def healthy(self, loss: float) -> bool:
+        """Finite and not exploding: at most EXPLODING x the median loss of the syncs so far."""
+        return bool(np.isfinite(loss)) and (not self.losses or loss <= EXPLODING * np.median(self.losses))
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
 
-    def sync(self, step: int, last_good: str) -> dict:
-        """Mean metrics since the last sync, with tokens/s and steps/s measured on the host."""
+    def sync(self, step: int, last_good) -> dict:
+        """Mean metrics since the last sync, with tokens/s and steps/s measured on the host.
+
+        On a non-finite loss: `last_good()` (which sets diverged checkpoints aside and names the
+        one a rerun resumes from) and a TrainingError.
+        """
         fetched = [(s, jax.device_get(m)) for s, m in self.pending]
         self.pending.clear()
         for s, m in fetched:
             if not np.isfinite(m["loss"]):
                 raise TrainingError(
-                    f"loss became {m['loss']} at step {s}; the last good checkpoint ({last_good}) is kept. "
-                    "Lower learning_rate, enable clip_norm, or check the data."
+                    f"loss became {m['loss']} at step {s}; a rerun resumes from the last healthy checkpoint "
+                    f"({last_good()}). Lower learning_rate, enable clip_norm, or check the data."
                 )
         if not fetched:
             return {}
@@ -112,4 +124,5 @@ class MetricsWindow:
         summary["tokens_per_sec"] = sum(float(m["tokens"]) for _, m in fetched) / elapsed
         summary["steps_per_sec"] = (step - self.last_step) / elapsed
         self.last_time, self.last_step = time.time(), step
+        self.losses.append(summary["loss"])
         return summary

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import signal
+import socket
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 MIN_FREE_BYTES = 200 * 2**20
 PREPARE_TIMEOUT_S = 3 * 3600  # other processes wait this long for process 0's data preparation
@@ -14,6 +20,81 @@ PREPARE_TIMEOUT_S = 3 * 3600  # other processes wait this long for process 0's d
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, unusable workdir); the message says why and what to do."""
+
+
+class Stopped(Exception):
+    """The run saved a checkpoint and stopped because it was asked to (SIGTERM, Ctrl-C)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequests:
+    """SIGTERM and Ctrl-C ask the run to finish its step, save a checkpoint and exit.
+
+    One process: our own handlers for SIGTERM and SIGINT; a second signal exits at once. Several
+    processes: SIGTERM goes to JAX's preemption service (started by jax.distributed), and every
+    process stops at the same step through orbax's preemption sync point; Ctrl-C, which reaches
+    one process only, exits that process at once (the others then fail at their next collective).
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self.multi = jax.process_count() > 1
+        signals = [signal.SIGINT] if self.multi else [signal.SIGINT, signal.SIGTERM]
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None or self.multi:
+            print(f"error: {name} received again; exiting now without saving.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = name
+        logging.warning(
+            "%s received: finishing this step and saving a checkpoint (again: exit at once)", name
+        )
+
+    def requested(self, step: int, manager) -> str | None:
+        """The signal to stop for at `step` (the same step on every process), or None."""
+        if self.received is None and self.multi and manager.reached_preemption(step):
+            self.received = "SIGTERM"
+        return self.received
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class WorkdirLock:
+    """An exclusive lock on the workdir for one training run (per process index).
+
+    flock is released by the kernel when the process ends, however it ends, so a crashed run
+    never leaves a stale lock; the file keeps the holder's pid and host for the error message.
+    """
+
+    def __init__(self, workdir: str):
+        path = os.path.join(workdir, f".train.lock.{jax.process_index()}")
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise TrainingError(
+                f"workdir {workdir!r} is in use by another train.py ({holder}); wait for it to finish, "
+                "stop it, or pick another --workdir."
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.file.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {since}")
+        self.file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
 
 
 def initialize_distributed(config) -> None:

@@ -127,14 +127,14 @@ def curve(workdir):
 def final_params(workdir):
     import orbax.checkpoint as ocp
 
-    path = os.path.join(workdir, "checkpoints", str(STEPS), "state")
+    path = os.path.join(workdir, "checkpoints", str(STEPS), "params")
     ckptr = ocp.StandardCheckpointer()
     meta = ckptr.metadata(path)
     meta = getattr(meta, "item_metadata", meta)
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever topology wrote it
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
-    state = ckptr.restore(path, target)
-    return {"/".join(map(str, k)): np.asarray(v) for k, v in _flatten(state["params"]).items()}
+    params = ckptr.restore(path, target)
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in _flatten(params).items()}
 
 
 def _flatten(tree, prefix=()):

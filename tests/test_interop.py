@@ -141,7 +141,7 @@ def test_generate_cli_continues_prompts_like_transformers(tmp_path):
     prompts = ["In the beginning", "", "And the earth"]
     out = io.StringIO()
     counts = generate.run_hf(str(tmp_path), [p + "\n" for p in prompts], out, max_new_tokens=12)
-    assert counts == {"lines": 3, "empty": 1, "trimmed": 0}
+    assert counts == {"lines": 3, "empty": 1, "trimmed": 0, "replaced_bytes": 0}
     lines = out.getvalue().split("\n")
     for prompt, line in zip(prompts, lines, strict=False):
         if not prompt:

@@ -117,7 +117,8 @@ def test_nan_at_a_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(sh
     # Metrics are fetched every 5 steps and at checkpoints (every 3): the NaN of step 7 is seen at
     # step 9, before step 9 is saved.
     with pytest.raises(
-        runtime.TrainingError, match=r"loss became nan at step 7; the last good checkpoint \(step 6"
+        runtime.TrainingError,
+        match=r"loss became nan at step 7; a rerun resumes from the last healthy checkpoint \(step 6",
     ):
         _run(shared, workdir, log_every=5)
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [3, 6]

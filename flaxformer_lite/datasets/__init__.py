@@ -9,6 +9,7 @@ from flaxformer_lite.datasets.sources import (
     OUR_BUILDERS,
     default_data_dir,
     open_source,
+    prepared_dir,
     supervised_keys,
     training_texts,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "TsvTranslate",
     "default_data_dir",
     "open_source",
+    "prepared_dir",
     "supervised_keys",
     "training_texts",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import tensorflow_datasets as tfds
@@ -12,6 +14,39 @@ OUR_BUILDERS = ("bible_translate", "bible_lm", "tsv_translate", "text_lm")
 
 def default_data_dir(workdir: str) -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.join(workdir, "tfds")
+
+
+def prepared_dir(data_dir: str, manual_dir: str | None = None, db_path: str | None = None) -> str:
+    """Where a dataset built from local files is prepared: a folder named by what it is built from.
+
+    A builder reading `manual_dir` (your corpus) or `db_path` is prepared under
+    `<data_dir>/source-<hash>`, the hash of every source file's path, size and modification time,
+    so a changed or different corpus is prepared afresh instead of silently reusing the old one.
+    `source.json` there lists the files. Other datasets use `data_dir` itself.
+    """
+    files = []
+    if manual_dir:
+        folder = os.path.abspath(os.path.expanduser(manual_dir))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"manual_dir {manual_dir!r} is not a folder; point it at your corpus files."
+            )
+        files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if not f.startswith(".")]
+    if db_path:
+        files.append(os.path.abspath(os.path.expanduser(db_path)))
+    if not files:
+        return data_dir
+    described = [
+        {"path": f, "bytes": os.stat(f).st_size, "mtime_ns": os.stat(f).st_mtime_ns}
+        for f in files
+        if os.path.isfile(f)
+    ]
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+    out = os.path.join(data_dir, f"source-{digest}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "source.json"), "w") as f:
+        json.dump(described, f, indent=1)
+    return out
 
 
 def open_source(name: str, split: str, data_dir: str, *, manual_dir: str | None = None, **builder_kwargs):

@@ -4,7 +4,8 @@
     <dir>/train.txt, validation.txt, test.txt   one text per line              -> text_lm
 
 Build with `python -m flaxformer_lite.datasets tsv_translate --manual_dir <dir> --data_dir <data_dir>`
-(or let train.py do it; the `tfds build` CLI needs TensorFlow). Only train is required.
+(or let train.py do it; the `tfds build` CLI needs TensorFlow). Training needs train; evaluating a
+trained model needs only the split it evaluates (e.g. test alone).
 Bad lines (not UTF-8, wrong column count, empty, longer than MAX_CHARS) are skipped, counted and
 logged; a file with no usable line is an error.
 """
@@ -67,12 +68,15 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         folder = str(dl_manager.manual_dir)
-        gens = {}
-        for split in SPLITS:
-            path = os.path.join(folder, split + self.SUFFIX)
-            if split == "train" or os.path.exists(path):
-                gens[split] = self._generate_examples(read_lines(path, self.NUM_FIELDS)[0])
-        return gens
+        paths = {split: os.path.join(folder, split + self.SUFFIX) for split in SPLITS}
+        paths = {split: path for split, path in paths.items() if os.path.exists(path)}
+        if not paths:
+            names = ", ".join(s + self.SUFFIX for s in SPLITS)
+            raise BadCorpusError(f"corpus folder {folder!r} has none of {names}; add at least one.")
+        return {
+            split: self._generate_examples(read_lines(path, self.NUM_FIELDS)[0])
+            for split, path in paths.items()
+        }
 
 
 class TsvTranslate(_LocalFilesBuilder):

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Bool, Float, Int
 
-Array = jax.Array
+Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in tests
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "reference")
 
 
-def causal_mask(q_positions: Array, kv_positions: Array) -> Array:
+def causal_mask(q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"]) -> Bool[Array, "B 1 T S"]:
     """[B, T], [B, S] positions -> [B, 1, T, S]: a query sees keys at its position or earlier."""
     return kv_positions[:, None, None, :] <= q_positions[:, None, :, None]
 
 
-def padding_mask(q_valid: Array, kv_valid: Array) -> Array:
+def padding_mask(q_valid: Bool[Array, "B T"], kv_valid: Bool[Array, "B S"]) -> Bool[Array, "B 1 T S"]:
     """[B, T], [B, S] booleans (True = real token) -> [B, 1, T, S]: real queries see real keys."""
     return q_valid[:, None, :, None] & kv_valid[:, None, None, :]
 
 
-def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+def segment_mask(
+    q_segment_ids: Int[Array, "B T"], kv_segment_ids: Int[Array, "B S"]
+) -> Bool[Array, "B 1 T S"]:
     """[B, T], [B, S] integer ids -> [B, 1, T, S]: tokens of packed sequences see only their own.
 
     Id 0 marks padding. A padding query sees padding keys only (its output is ignored downstream),
@@ -34,7 +37,9 @@ def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
     return q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
 
 
-def sliding_window_mask(q_positions: Array, kv_positions: Array, window: int) -> Array:
+def sliding_window_mask(
+    q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"], window: int
+) -> Bool[Array, "B 1 T S"]:
     """[B, T], [B, S] positions -> [B, 1, T, S]: keys fewer than `window` positions away.
 
     Combined with `causal_mask` this is the usual left-only local window (window 1 = self only).
@@ -73,15 +78,15 @@ def _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window)
 
 
 def reference_attention(
-    q: Array,
-    k: Array,
-    v: Array,
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
     *,
-    mask: Array | None = None,
-    bias: Array | None = None,
+    mask: Bool[Array, "#B #N T S"] | None = None,
+    bias: Float[Array, "#B #N T S"] | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
-) -> Array:
+) -> Float[Array, "B T N H"]:
     """Plain-einsum attention, fp32 logits and softmax: [B,T,N,H], [B,S,K,H] x2 -> [B,T,N,H].
 
     mask: bool [B or 1, N or 1, T, S]; bias: float [B or 1, N or 1, T, S], added to the logits.
@@ -128,20 +133,20 @@ def _choose_implementation(q, mask, bias, segment_ids, dropout_active):
 
 
 def dot_product_attention(
-    q: Array,
-    k: Array,
-    v: Array,
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
     *,
-    mask: Array | None = None,
-    bias: Array | None = None,
+    mask: Bool[Array, "#B #N T S"] | None = None,
+    bias: Float[Array, "#B #N T S"] | None = None,
     is_causal: bool = False,
-    segment_ids: Array | None = None,
-    kv_segment_ids: Array | None = None,
+    segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
     local_window: int | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     implementation: str | None = None,
-) -> Array:
+) -> Float[Array, "B T N H"]:
     """softmax(q k^T / sqrt(H) + bias) v with fp32 softmax: [B,T,N,H], [B,S,K,H] x2 -> [B,T,N,H].
 
     Args:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float, Int, Num
 
-Array = jax.Array
+Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in tests
 
 
 def cross_entropy(
-    logits: Array,
-    targets: Array,
-    weights: Array | None = None,
+    logits: Float[Array, "*B V"],
+    targets: Int[Array, "*B"],
+    weights: Num[Array, "*B"] | None = None,
     label_smoothing: float = 0.0,
-) -> tuple[Array, Array]:
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """Label-smoothed cross entropy: [B, T, V] logits, [B, T] ids, [B, T] weights -> (sum, denom).
 
     The smoothed target puts 1 - label_smoothing on the gold token and spreads label_smoothing
@@ -38,7 +39,9 @@ def cross_entropy(
     return jnp.sum(loss * weights), jnp.sum(weights)
 
 
-def accuracy(logits: Array, targets: Array, weights: Array | None = None) -> tuple[Array, Array]:
+def accuracy(
+    logits: Float[Array, "*B V"], targets: Int[Array, "*B"], weights: Num[Array, "*B"] | None = None
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """Weighted count of argmax hits: [B, T, V], [B, T], [B, T] -> (correct, denom)."""
     hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     if weights is None:

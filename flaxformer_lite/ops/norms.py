@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float
 
-Array = jax.Array
+Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in tests
 
 
 def _row(v: Array, ndim: int) -> Array:
@@ -13,7 +14,12 @@ def _row(v: Array, ndim: int) -> Array:
     return v.astype(jnp.float32).reshape((1,) * (ndim - 1) + (-1,))
 
 
-def layer_norm(x: Array, scale: Array, bias: Array | None = None, eps: float = 1e-6) -> Array:
+def layer_norm(
+    x: Float[Array, "*B D"],
+    scale: Float[Array, " D"],
+    bias: Float[Array, " D"] | None = None,
+    eps: float = 1e-6,
+) -> Float[Array, "*B D"]:
     """(x - mean) / sqrt(var + eps) * scale + bias over the last axis: [..., D], [D], [D] -> [..., D]."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -24,7 +30,7 @@ def layer_norm(x: Array, scale: Array, bias: Array | None = None, eps: float = 1
     return y.astype(x.dtype)
 
 
-def rms_norm(x: Array, scale: Array, eps: float = 1e-6) -> Array:
+def rms_norm(x: Float[Array, "*B D"], scale: Float[Array, " D"], eps: float = 1e-6) -> Float[Array, "*B D"]:
     """x / sqrt(mean(x^2) + eps) * scale over the last axis: [..., D], [D] -> [..., D]."""
     x32 = x.astype(jnp.float32)
     ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)

@@ -7,11 +7,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float, Int
 
-Array = jax.Array
+Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in tests
 
 
-def sinusoidal_embedding(positions: Array, dim: int, max_timescale: float = 10_000.0) -> Array:
+def sinusoidal_embedding(
+    positions: Int[Array, "*P"], dim: int, max_timescale: float = 10_000.0
+) -> Float[Array, "*P {dim}"]:
     """[...] integer positions -> [..., dim] float32, the paper's interleaved formula.
 
     PE(pos, 2i) = sin(pos / max_timescale^(2i/dim)) and PE(pos, 2i+1) = cos(same angle)
@@ -30,7 +33,9 @@ def sinusoidal_table(length: int, dim: int, max_timescale: float = 10_000.0) -> 
     return sinusoidal_embedding(jnp.arange(length), dim, max_timescale)
 
 
-def apply_rope(x: Array, positions: Array, theta: float = 10_000.0) -> Array:
+def apply_rope(
+    x: Float[Array, "B T N H"], positions: Int[Array, "B T"], theta: float = 10_000.0
+) -> Float[Array, "B T N H"]:
     """Rotary position embedding, half-split convention (LLaMA, GPT-NeoX): [B,T,N,H], [B,T] -> same.
 
     Channel i pairs with channel i + H/2 and the pair turns by positions * theta^(-2i/H).

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Int
 
-Array = jax.Array
+Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in tests
 
 
-def shift_right(x: Array, segment_ids: Array | None = None, pad_id: int = 0) -> Array:
+def shift_right(
+    x: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None = None, pad_id: int = 0
+) -> Int[Array, "B T"]:
     """Teacher-forcing decoder inputs: [B, T] -> [B, T] shifted one step right, pad_id first.
 
     With packed sequences (segment_ids [B, T]) each sequence starts with pad_id, so the first
