@@ -2,8 +2,9 @@
 
 Restores the params of the newest (or --checkpoint_step) checkpoint in --workdir (no optimizer
 state) and reports on --split: token-level perplexity for every task; for translation also
-sacreBLEU and chrF of beam-search output (with the sacrebleu signatures). Writes <split>.hyp.txt,
-<split>.src.txt, <split>.ref<j>.txt and eval_<split>.json to <workdir>/eval/.
+sacreBLEU and chrF of beam-search output (with the sacrebleu signatures). Writes
+<dataset>.<split>.{hyp,src,ref<j>}.txt and <dataset>.<split>.json to --output_dir (default
+<workdir>/eval/); an own corpus's <dataset> carries its source hash, so no evaluation overwrites another's.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxformer_lite import cli, decoding, evaluation, experiment, tasks
+from flaxformer_lite import cli, decoding, evaluation, experiment, reporting, tasks
 
 
 def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_examples: int,
-             batch_size: int, step: int | None = None) -> dict:  # fmt: skip
+             batch_size: int, step: int | None = None, output_dir: str = "") -> dict:  # fmt: skip
     """Evaluate the trained workdir on `split`, write the outputs, return the summary."""
     decoding.check_options(beam_size=beams, alpha=alpha)
     exp = experiment.build(config, workdir, tokenizer="load")
@@ -34,16 +35,17 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
         batch_size=batch_size or config.batch_size,
     )  # fmt: skip
     summary = {"split": split, "checkpoint_step": step, "dataset": config.dataset_name}
-    out_dir = os.path.join(workdir, "eval")
+    out_dir = output_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, f"{exp.data.tag}.{split}")  # another dataset never overwrites these
     if exp.task.translates:
-        _write_lines(os.path.join(out_dir, f"{split}.hyp.txt"), result.pop("hypotheses"))
-        _write_lines(os.path.join(out_dir, f"{split}.src.txt"), result.pop("sources"))
+        _write_lines(f"{prefix}.hyp.txt", result.pop("hypotheses"))
+        _write_lines(f"{prefix}.src.txt", result.pop("sources"))
         for j, refs in enumerate(result.pop("references")):
-            _write_lines(os.path.join(out_dir, f"{split}.ref{j}.txt"), refs)
+            _write_lines(f"{prefix}.ref{j}.txt", refs)
         summary.update(beam_size=beams, alpha=alpha)
-    summary.update(result)
-    with open(os.path.join(out_dir, f"eval_{split}.json"), "w") as f:
+    summary.update(result, files=prefix + ".*")
+    with open(f"{prefix}.json", "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
@@ -59,23 +61,26 @@ def _print(summary: dict) -> None:
         return
     print(f"BLEU {summary['bleu']:.2f}  {summary['bleu_signature']}")
     for j, b in enumerate(summary.get("bleu_per_reference", [])):
-        print(f"  BLEU against reference {j} alone ({summary['split']}.ref{j}.txt): {b:.2f}")
+        print(f"  BLEU against reference {j} alone (ref{j}.txt): {b:.2f}")
     print(f"chrF {summary['chrf']:.2f}  {summary['chrf_signature']}")
     print(
         f"({summary['examples']} sentences, {summary['references_per_sentence']} references each, "
         f"{summary['trimmed_sources']} sources trimmed to max_length, "
         f"{summary['byte_fallback_tokens']} byte-fallback tokens for characters outside the vocabulary)"
     )
+    print(f"outputs: {summary['files']}")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
     try:
         summary = evaluate(
             f.config, f.workdir, f.split, beams=f.beam_size, alpha=f.alpha, max_examples=f.max_examples,
             batch_size=f.batch_size, step=None if f.checkpoint_step < 0 else f.checkpoint_step,
+            output_dir=f.output_dir,
         )  # fmt: skip
     except cli.USER_ERRORS as e:
         cli.exit_with_error(e)
@@ -93,6 +98,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_examples", 0, "Translate at most this many examples (0 = all).")
     flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0 = the config's batch_size).")
     flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate (-1 = newest).")
+    flags.DEFINE_string("output_dir", "", "Where to write outputs ('' = <workdir>/eval).")
     flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -6,6 +6,7 @@ crash). Writes TensorBoard events, metrics.jsonl, loss.png and checkpoints to th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     runtime.initialize_distributed(config)  # first: any JAX call would fix a single-process backend
     experiment.validate(config)
     runtime.prepare_workdir(workdir)
+    reporting.log_to_file(os.path.join(workdir, f"train.{jax.process_index()}.log"))
     lock = runtime.WorkdirLock(workdir)
     stop = runtime.StopRequests()
     try:
@@ -76,7 +78,7 @@ def train(exp, stop: runtime.StopRequests):
         disable=jax.process_index() != 0,
     )  # fmt: skip
     stopped = None
-    with jax.set_mesh(exp.mesh), ckpt.finishing_saves():
+    with jax.set_mesh(exp.mesh), ckpt.finishing_saves(), contextlib.closing(bar):
         for step in range(start + 1, config.num_train_steps + 1):
             batch = sharding.global_batch(next(train_iter), exp.mesh)
             state, metrics = train_step(state, batch, dropout_rng)
@@ -94,7 +96,7 @@ def train(exp, stop: runtime.StopRequests):
             if save:
                 loss, force = summary["loss"], is_last or bool(stopped)
                 ckpt.save(
-                    step, state, train_iter, config_json, force=force, loss=loss, healthy=window.healthy(loss)
+                    step, state, train_iter, config_json, force=force, loss=loss, healthy=window.healthy
                 )
             if stopped:
                 break

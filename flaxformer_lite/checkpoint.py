@@ -79,6 +79,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
             preservation_policy=keep_policy,
+            best_fn=lambda metrics: metrics.get("loss", 0.0),  # makes orbax store each step's metrics
+            best_mode="min",
             enable_async_checkpointing=async_save,
             create=True,
         )

@@ -29,8 +29,8 @@ def parse_flags(argv):
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (KeyError's own quotes removed)."""
     text = str(e)
-    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
-        text = e.args[0]  # str(KeyError) wraps the message in quotes
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # a KeyError's message (also when re-raised as another type) comes quoted
     text = text.replace("\\n", "\n").replace("\\'", "'")
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 

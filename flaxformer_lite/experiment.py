@@ -112,6 +112,13 @@ class Data:
             keys = {"inputs": src, "targets": tgt}
         return cls(config.dataset_name, data_dir, kwargs, keys)
 
+    @property
+    def tag(self) -> str:
+        """A file-name-safe name: the dataset, plus the source hash of a local corpus."""
+        folder = os.path.basename(self.data_dir)
+        suffix = folder[len("source") :] if folder.startswith("source-") else ""
+        return self.name.replace("/", "-") + suffix
+
     def open(self, split: str):
         """A random-access source of `split` (the dataset is prepared on first use if it is ours)."""
         return datasets.open_source(self.name, split, self.data_dir, **self.builder_kwargs)

@@ -14,12 +14,28 @@ from flaxformer_lite.runtime import TrainingError
 
 
 class QuietLibraries:
-    """absl log filter: INFO chatter of orbax, TFDS and grain hidden; their warnings still shown."""
+    """Console log filter: orbax/TFDS/grain INFO chatter and tracebacks hidden (they go to the log file).
+
+    Their plain warnings are still shown; our own one-line errors say what failed.
+    """
 
     NOISY = ("orbax", "tensorflow_datasets", "grain", "etils")
 
     def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(f"/{n}/" in record.pathname for n in self.NOISY)
+        if not any(f"/{n}/" in record.pathname for n in self.NOISY):
+            return True
+        return record.levelno >= 30 and not record.exc_info
+
+
+def log_to_file(path: str) -> None:
+    """Every log record, library tracebacks included, also to `path` (appended)."""
+    import logging as pylogging
+
+    handler = pylogging.FileHandler(path)
+    handler.setFormatter(
+        pylogging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s")
+    )
+    pylogging.getLogger().addHandler(handler)
 
 
 class Logger:
@@ -94,11 +110,13 @@ class MetricsWindow:
 
     def __init__(self, step: int):
         self.pending, self.last_time, self.last_step = [], time.time(), step
-        self.losses = []  # the mean loss of every sync so far (this process's run)
+        self.healthy_losses = []  # the mean loss of every healthy sync so far (this process's run)
+        self.healthy = True  # whether the last sync's loss was healthy
 
-    def healthy(self, loss: float) -> bool:
-        """Finite and not exploding: at most EXPLODING x the median loss of the syncs so far."""
-        return bool(np.isfinite(loss)) and (not self.losses or loss <= EXPLODING * np.median(self.losses))
+    def _is_healthy(self, loss: float) -> bool:
+        """Finite and not exploding: at most EXPLODING x the median of the healthy syncs so far."""
+        history = self.healthy_losses
+        return bool(np.isfinite(loss)) and (not history or loss <= EXPLODING * np.median(history))
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
@@ -124,5 +142,7 @@ class MetricsWindow:
         summary["tokens_per_sec"] = sum(float(m["tokens"]) for _, m in fetched) / elapsed
         summary["steps_per_sec"] = (step - self.last_step) / elapsed
         self.last_time, self.last_step = time.time(), step
-        self.losses.append(summary["loss"])
+        self.healthy = self._is_healthy(summary["loss"])
+        if self.healthy:
+            self.healthy_losses.append(summary["loss"])
         return summary

@@ -5,6 +5,8 @@ step N, after every file of it is written to orbax's temporary directory and bef
 that makes it a checkpoint (the moment a crash is most likely to leave a half-made checkpoint).
 FAULT_MAX_FILE_BYTES=N: no file may grow past N bytes (RLIMIT_FSIZE), so writes fail the way
 they do on a full disk, with an OSError from the kernel.
+FAULT_EXPLODE_FROM_STEP=N, FAULT_NAN_AT_STEP=M: the reported loss is multiplied by 1e6 from step N
+and becomes NaN at step M, as a diverging run's would (the params stay those of the real run).
 """
 
 import os
@@ -15,7 +17,7 @@ from absl import app
 from orbax.checkpoint._src.path import atomicity
 
 import train
-from flaxformer_lite import cli
+from flaxformer_lite import cli, training
 
 KILL_STEP = os.environ.get("FAULT_KILL_IN_COMMIT_OF_STEP")
 _finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -29,7 +31,22 @@ async def _finalize_or_die(self, *args, **kwargs):
     return await _finalize(self, *args, **kwargs)
 
 
+def _diverging(real_step, explode_from: int, nan_at: int):
+    import jax.numpy as jnp
+
+    def step(state, batch, rng, **kwargs):
+        new_state, metrics = real_step(state, batch, rng, **kwargs)
+        done = state.step + 1  # the step being trained, counted from 1
+        loss = metrics["loss"] * jnp.where(done >= explode_from, 1e6, 1.0)
+        return new_state, dict(metrics, loss=jnp.where(done >= nan_at, jnp.nan, loss))
+
+    return step
+
+
 if __name__ == "__main__":
+    if "FAULT_NAN_AT_STEP" in os.environ:
+        explode = int(os.environ.get("FAULT_EXPLODE_FROM_STEP", 10**9))
+        training.train_step = _diverging(training.train_step, explode, int(os.environ["FAULT_NAN_AT_STEP"]))
     atomicity.AtomicRenameTemporaryPath.finalize = _finalize_or_die
     if "FAULT_MAX_FILE_BYTES" in os.environ:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a dead process

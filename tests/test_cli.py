@@ -52,6 +52,27 @@ CASES = {  # name: (script, extra flags, what the one line must say)
     "eval without training": ("eval.py", [], "no spm.model in .*train.py run"),
     "generate without training": ("generate.py", [], "no spm.model in .*train.py run"),
     "generate from a non-checkpoint": ("generate.py", ["--hf_dir={tmp}"], "no config.json in .*transformers"),
+    "generate with beam 0": (
+        "generate.py",
+        ["--workdir={reference}", "--beam_size=0"],
+        "--beam_size=0 must be at least 1",
+    ),
+    "generate without workdir": ("generate.py", ["--workdir="], "pass --config and --workdir .* or --hf_dir"),
+    "eval with beam -2": (
+        "eval.py",
+        ["--workdir={reference}", "--beam_size=-2"],
+        "--beam_size=-2 must be at least 1",
+    ),
+    "eval with another activation": (
+        "eval.py",
+        ["--workdir={reference}", "--config.model.overrides.activation=gelu"],
+        "trained with another model: activation='relu' in the checkpoint but 'gelu' here",
+    ),
+    "batch that does not split over the devices": (
+        "train.py",
+        ["--config.batch_size=12"],
+        r"batch_size=12 .* does not split over the 8 devices .*use a multiple of 8",
+    ),
 }
 
 
@@ -92,3 +113,4 @@ def test_bad_input_is_one_clear_line_and_exit_1(case, prepared, reference, tmp_p
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(ours) == 1 and ours[0].startswith("error: "), ours
     assert re.search(expected, ours[0]), ours[0]
+    assert "''" not in ours[0] and len(ours[0]) < 600, ours[0]  # no stray quotes, no config dump

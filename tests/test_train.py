@@ -163,10 +163,10 @@ def test_eval_py_reports_bleu_that_sacrebleu_recomputes_from_its_files(shared, s
         _config(shared), workdir, "test", beams=2, alpha=0.6, max_examples=10, batch_size=8
     )
     out = os.path.join(workdir, "eval")
-    hyps = open(os.path.join(out, "test.hyp.txt"), encoding="utf-8").read().splitlines()
-    refs = [
-        open(os.path.join(out, f"test.ref{j}.txt"), encoding="utf-8").read().splitlines() for j in range(2)
-    ]
+    prefix = summary["files"][: -len(".*")]
+    assert os.path.dirname(prefix) == out and os.path.basename(prefix).startswith("bible_translate-en-de-")
+    hyps = open(f"{prefix}.hyp.txt", encoding="utf-8").read().splitlines()
+    refs = [open(f"{prefix}.ref{j}.txt", encoding="utf-8").read().splitlines() for j in range(2)]
     assert len(hyps) == 10 and all(len(r) == 10 for r in refs)
     assert summary["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score)
     assert summary["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, refs).score)
@@ -174,9 +174,7 @@ def test_eval_py_reports_bleu_that_sacrebleu_recomputes_from_its_files(shared, s
     assert summary["bleu_per_reference"] == pytest.approx(
         [sacrebleu.corpus_bleu(hyps, [r]).score for r in refs]
     )
-    assert json.load(open(os.path.join(out, "eval_test.json")))["perplexity"] == pytest.approx(
-        summary["perplexity"]
-    )
+    assert json.load(open(f"{prefix}.json"))["perplexity"] == pytest.approx(summary["perplexity"])
 
 
 def test_eval_without_checkpoint_is_a_clear_error(shared, tmp_path):
