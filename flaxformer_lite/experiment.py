@@ -183,10 +183,6 @@ class Experiment:
             drop_remainder=train,
         )
 
-    def abstract_state(self):
-        """(abstract TrainState, shardings), nothing allocated."""
-        return training.state_shardings(self.model, self.tx, self.task, self.batch_shape, self.mesh)
-
     def init_state(self, rng: jax.Array):
         """(TrainState, shardings), initialised directly sharded on the mesh."""
         return training.create_train_state(self.model, self.tx, rng, self.task, self.batch_shape, self.mesh)
@@ -215,21 +211,25 @@ class Experiment:
                 donate_argnums=0,
             )
 
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.workdir, "checkpoints")
+
     def checkpointer(self, **kwargs) -> checkpoint.Checkpointer:
         c = self.config
         options = dict(save_every=c.checkpoint_every, keep=c.keep_checkpoints, async_save=c.async_checkpoints)
-        return checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), **{**options, **kwargs})
+        return checkpoint.Checkpointer(self.checkpoint_dir, **{**options, **kwargs})
 
     def restore_params(self, step: int | None = None):
         """(step, params) of the newest (or given) readable checkpoint; never reads optimizer state."""
-        ckpt_dir = os.path.join(self.workdir, "checkpoints")
-        if not os.path.isdir(ckpt_dir):
+        ckpt_dir = self.checkpoint_dir
+        if not os.path.isdir(ckpt_dir):  # checked first: opening a Checkpointer creates the directory
             raise FileNotFoundError(
                 f"no checkpoints in {ckpt_dir!r}; train first: python train.py --config=... "
                 f"--workdir={self.workdir}"
             )
         abstract = training.abstract_params(self.model, self.task, self.batch_shape, self.mesh)
-        ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1)
+        ckpt = self.checkpointer(save_every=1)
         try:
             restored = ckpt.restore_params(abstract, step=step)
             if restored is not None:

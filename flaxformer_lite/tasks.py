@@ -46,11 +46,8 @@ class Task:
 
     def init(self, model: nn.Module, rng: Array, batch: dict) -> dict:
         """Variables of `model` initialised on `batch`."""
-        args, kwargs = self.model_args(batch, batch["targets"])
+        args, kwargs = model_args(batch, batch["targets"])
         return model.init(rng, *args, **kwargs)
-
-    def model_args(self, batch: dict, decoder_inputs: Array) -> tuple[tuple, dict]:
-        return model_args(batch, decoder_inputs)
 
 
 def model_args(batch: dict, decoder_inputs: Array) -> tuple[tuple, dict]:

@@ -36,16 +36,17 @@ def prepared_dir(data_dir: str, manual_dir: str | None = None, db_path: str | No
         files.append(os.path.abspath(os.path.expanduser(db_path)))
     if not files:
         return data_dir
-    described = [
-        {"path": f, "bytes": os.stat(f).st_size, "mtime_ns": os.stat(f).st_mtime_ns}
-        for f in files
-        if os.path.isfile(f)
-    ]
+    stats = {f: os.stat(f) for f in files if os.path.isfile(f)}
+    described = [{"path": f, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for f, st in stats.items()]
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
     out = os.path.join(data_dir, f"source-{digest}")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "source.json"), "w") as f:
-        json.dump(described, f, indent=1)
+    listing = os.path.join(out, "source.json")
+    if not os.path.isfile(listing):  # the folder is named by the hash of this listing: written once
+        os.makedirs(out, exist_ok=True)
+        tmp = f"{listing}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(described, f, indent=1)
+        os.replace(tmp, listing)
     return out
 
 
