@@ -53,7 +53,8 @@ class ModelConfig:
     num_classes: int = 2  # classification head of EncoderOnly
     dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
     param_dtype: Any = jnp.float32  # parameters (and so optimizer state) stay float32
-    attention_impl: str | None = None  # None (choose) | xla | cudnn | reference
+    attention_impl: str | None = None  # None (choose per backend) | xla | cudnn | splash | reference
+    max_segments: int = 32  # most packed sequences per row (the packer's cap; 1 = unpacked, padded)
     scan_layers: bool = False  # nn.scan over layers: faster compiles, params stacked on "layers"
     remat_policy: str = "none"  # none | full | dots | dots_no_batch (activation checkpointing)
     deterministic: bool = False  # True disables dropout (eval, decoding)
@@ -101,7 +102,7 @@ class ModelConfig:
         for name in ("dropout_rate", "attention_dropout_rate"):
             rate = getattr(self, name)
             _check(0.0 <= rate < 1.0, name, rate, "use a rate in [0, 1)")
-        for name in ("d_ff", "max_len", "num_classes"):
+        for name in ("d_ff", "max_len", "num_classes", "max_segments"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "use a positive value")
         for name in ("num_encoder_layers", "num_decoder_layers"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "use 0 or more layers")

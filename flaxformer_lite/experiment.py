@@ -27,7 +27,7 @@ from flaxformer_lite.tokenizer import load_or_train, load_sentencepiece
 # ModelConfig fields that change how a model runs, not what it computes.
 NOT_ARCHITECTURE = (
     "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "deterministic", "decode",
-    "dropout_rate", "attention_dropout_rate", "max_len", "init_std",
+    "dropout_rate", "attention_dropout_rate", "max_len", "init_std", "max_segments",
 )  # fmt: skip
 
 
@@ -64,6 +64,8 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     """The preset with overrides; vocab from the tokenizer, max_len long enough for the data."""
     overrides = {k: v for k, v in config.model.overrides.items() if v is not None}  # None = preset's value
     overrides.pop("vocab_size", None)  # always the tokenizer's
+    if not config.pack:
+        overrides.setdefault("max_segments", 1)  # padded rows: one sequence each
     cfg = preset(config.model.preset, vocab_size=vocab_size, **overrides)
     need_len = max(config.max_length, config.max_decode_length)
     return cfg if cfg.max_len >= need_len else cfg.replace(max_len=need_len)
@@ -175,6 +177,7 @@ class Experiment:
             batch_size=self.host_batch_size,
             max_length=c.max_length,
             pack=c.pack and train,
+            max_segments=self.model.config.max_segments,
             shuffle=train,
             seed=c.seed,
             num_epochs=None if train else 1,

@@ -84,6 +84,7 @@ def make_dataset(
     batch_size: int,
     max_length: int,
     pack: bool = True,
+    max_segments: int | None = None,
     shuffle: bool = True,
     seed: int = 0,
     num_epochs: int | None = None,
@@ -97,7 +98,9 @@ def make_dataset(
     each block of `shard_count * batch_size` records, host i reads the i-th `batch_size`. So with
     padded batches the hosts' batches stacked in host order are exactly the single-host batch,
     row for row, whatever the host count (packing happens per host, so packed rows depend on it).
-    `num_epochs=None` repeats forever (training).
+    `num_epochs=None` repeats forever (training). Packed rows hold at most `max_segments`
+    sequences (None: no cap), numbered 1.. in order, each contiguous: the layout the fused
+    attention kernels read (`ops.segment_layout`).
     """
     if len(source) < shard_count:
         raise ValueError(f"the split has {len(source)} examples, fewer than the {shard_count} data shards.")
@@ -113,6 +116,7 @@ def make_dataset(
             length_struct={name: max_length for name in tokenize.keys},
             num_packing_bins=batch_size,
             shuffle_bins=False,
+            max_sequences_per_bin=max_segments,
         )
     else:
         it = it.map(lambda ex: _pad(ex, max_length))

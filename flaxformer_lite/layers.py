@@ -205,6 +205,7 @@ class MultiHeadAttention(nn.Module):
             segment_ids=q_segment_ids,
             kv_segment_ids=kv_segment_ids,
             local_window=None if (self.cross or mask is not None) else cfg.local_window,
+            max_segments=cfg.max_segments,
             dropout_rate=cfg.attention_dropout_rate,
             dropout_rng=dropout_rng,
             implementation=cfg.attention_impl,

@@ -162,3 +162,12 @@ def test_eval_of_an_own_test_file_alone_names_its_outputs_and_keeps_the_others(p
         1,
         3,
     ]
+
+
+def test_the_log_names_each_attention_path_once(reference):
+    """train.py's log says which kernel each attention shape takes (CPU: XLA, and why), once."""
+    log = open(os.path.join(reference, "train.0.log")).read()
+    lines = [line for line in log.splitlines() if "attention: q(" in line]
+    assert lines, "no attention path in the log"
+    assert all("xla (no fused kernel on cpu)" in line for line in lines if "bfloat16" not in line)
+    assert len(lines) == len(set(line.split("] ", 1)[-1] for line in lines))  # each path once

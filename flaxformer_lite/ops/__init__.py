@@ -3,6 +3,7 @@
 from flaxformer_lite.ops.activations import ACTIVATIONS, GATED_ACTIVATIONS, gated
 from flaxformer_lite.ops.attention import (
     causal_mask,
+    choose_implementation,
     combine_masks,
     dot_product_attention,
     padding_mask,
@@ -10,6 +11,7 @@ from flaxformer_lite.ops.attention import (
     segment_mask,
     sliding_window_mask,
 )
+from flaxformer_lite.ops.fused import segment_layout
 from flaxformer_lite.ops.losses import accuracy, cross_entropy
 from flaxformer_lite.ops.norms import layer_norm, rms_norm
 from flaxformer_lite.ops.positions import (
@@ -31,6 +33,7 @@ __all__ = [
     "alibi_slopes",
     "apply_rope",
     "causal_mask",
+    "choose_implementation",
     "combine_masks",
     "cross_entropy",
     "dot_product_attention",
@@ -41,6 +44,7 @@ __all__ = [
     "relative_position_bias",
     "relative_position_bucket",
     "rms_norm",
+    "segment_layout",
     "segment_mask",
     "shift_right",
     "sinusoidal_embedding",

@@ -7,13 +7,20 @@ H head dim. Masks are boolean with True meaning "may attend", shaped [B, 1 or N,
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Bool, Float, Int
 
+from flaxformer_lite.ops import fused
+
 Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in tests
 
-IMPLEMENTATIONS = (None, "xla", "cudnn", "reference")
+# None chooses per backend; "splash_interpret" is splash in Pallas interpret mode (any backend, slow:
+# for tests and debugging).
+IMPLEMENTATIONS = (None, "xla", "cudnn", "splash", "splash_interpret", "reference")
+_announced: set[str] = set()
 
 
 def causal_mask(q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"]) -> Bool[Array, "B 1 T S"]:
@@ -116,20 +123,52 @@ def _group_heads(x: Array, K: int, G: int) -> Array:
     return x.reshape(b, K, G, t, s) if n == K * G else x.reshape(b, 1, 1, t, s)
 
 
-def _choose_implementation(q, mask, bias, segment_ids, dropout_active):
-    """cuDNN flash attention when the inputs qualify on a GPU, XLA otherwise."""
-    if dropout_active:
-        return "reference"
-    qualifies = (
-        jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 128
-        and mask is None
-        and bias is None
-        and segment_ids is None
-    )
-    return "cudnn" if qualifies else "xla"
+def choose_implementation(
+    backend: str,
+    *,
+    dtype,
+    head_dim: int,
+    q_len: int,
+    kv_len: int,
+    has_mask: bool = False,
+    has_bias: bool = False,
+    dropout: bool = False,
+    packed: bool = False,
+    requested: str | None = None,
+) -> tuple[str, str]:
+    """(implementation, reason): the fused kernel for `backend` ("gpu", "tpu", "cpu") when it can
+    serve these inputs, else the XLA (or, for attention dropout, einsum) path and why.
+
+    `requested` forces a path ("cudnn", "splash", ...); inputs it cannot serve still fall back.
+    `packed`: rows hold several sequences (cuDNN needs Hopper for that; the caller checks).
+    """
+    if requested in ("reference", "xla"):
+        return requested, "attention_impl forces it"
+    if dropout:
+        return "reference", "attention dropout needs the einsum path"
+    if has_mask:
+        return "xla", "an explicit mask (KV-cache decoding) takes the XLA path"
+    if has_bias:
+        return "xla", "a logit bias (relative/ALiBi positions) has no fused kernel here"
+    want = requested or {"gpu": "cudnn", "tpu": "splash"}.get(backend)
+    if want == "cudnn":
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            return "xla", f"cuDNN flash attention needs bfloat16/float16, not {jnp.dtype(dtype).name}"
+        if head_dim % 8 or head_dim > 128:
+            return "xla", f"cuDNN needs a head dim that is a multiple of 8 and <= 128, not {head_dim}"
+        return "cudnn", "packed rows as per-sequence lengths and offsets" if packed else "fused kernel"
+    if want in ("splash", "splash_interpret"):
+        if q_len % fused.LANES or kv_len % fused.LANES:
+            return "xla", f"splash needs lengths that are multiples of {fused.LANES}, not {q_len}x{kv_len}"
+        return want, "segment ids in the kernel" if packed else "fused kernel"
+    return "xla", f"no fused kernel on {backend}"
+
+
+def _announce(message: str) -> None:
+    """Log each distinct attention path once per process (at trace time, never per call)."""
+    if message not in _announced:
+        _announced.add(message)
+        logging.getLogger("flaxformer_lite.attention").info("attention: %s", message)
 
 
 def dot_product_attention(
@@ -143,6 +182,7 @@ def dot_product_attention(
     segment_ids: Int[Array, "B T"] | None = None,
     kv_segment_ids: Int[Array, "B S"] | None = None,
     local_window: int | None = None,
+    max_segments: int | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     implementation: str | None = None,
@@ -155,11 +195,15 @@ def dot_product_attention(
       bias: optional float [B or 1, N or 1, T, S] added to the logits (relative positions, ALiBi).
       is_causal: query i sees keys 0..i (by index; with packing, combine with segment_ids).
       segment_ids: int [B, T] ids of packed sequences (0 = padding); queries see only keys of the
-        same id. kv_segment_ids [B, S] gives the keys' ids when they differ (cross-attention).
+        same id, and the output at padding queries is 0 on every path. kv_segment_ids [B, S] gives
+        the keys' ids when they differ (cross-attention: query sequence j meets key sequence j).
       local_window: keys fewer than this many positions from the query (left-only with causal).
+      max_segments: most sequences in one row (static; the packer's cap). cuDNN sizes its packed
+        layout by it; 1 means unpacked rows padded at the end. None: T.
       dropout_rate, dropout_rng: dropout on the attention probabilities (forces "reference").
-      implementation: None (choose), "xla" or "cudnn" (`jax.nn.dot_product_attention`), or
-        "reference" (plain einsum, used by tests and for attention dropout).
+      implementation: None chooses per backend (`choose_implementation`): cuDNN on GPU, splash on
+        TPU, XLA otherwise or when a mask/bias is given. Or force "xla", "cudnn", "splash",
+        "splash_interpret" or "reference" (plain einsum: tests and attention dropout).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; use one of {IMPLEMENTATIONS}.")
@@ -171,28 +215,56 @@ def dot_product_attention(
             "query heads must be a multiple of the key/value heads."
         )
     dropout_active = dropout_rate > 0.0 and dropout_rng is not None
-    if implementation is None:
-        implementation = _choose_implementation(q, mask, bias, segment_ids, dropout_active)
-    if dropout_active and implementation != "reference":
+    if dropout_active and implementation not in (None, "reference"):
         raise ValueError(
             f"attention dropout needs implementation='reference', not {implementation!r}; "
             "set the attention dropout rate to 0 to use the fused kernels."
         )
-    if implementation == "reference" or segment_ids is not None or mask is not None:
-        # Dense masks are materialised once; the fused kernel path below takes flags only.
+    T, S = q.shape[1], k.shape[1]
+    max_segments = T if max_segments is None else max_segments
+    packed = segment_ids is not None and max_segments > 1
+    impl, why = choose_implementation(
+        jax.default_backend(),
+        dtype=q.dtype,
+        head_dim=q.shape[3],
+        q_len=T,
+        kv_len=S,
+        has_mask=mask is not None,
+        has_bias=bias is not None,
+        dropout=dropout_active,
+        packed=packed,
+        requested=implementation,
+    )
+    if impl == "cudnn" and packed and not fused.cudnn_supports_packing():
+        impl, why = "xla", "cuDNN packed rows need a Hopper (sm90+) GPU"
+    if local_window is not None and not is_causal and impl == "cudnn":
+        impl, why = "xla", "cuDNN windows are left-only (causal)"
+    _announce(f"q{tuple(q.shape)} kv{tuple(k.shape)} {q.dtype}: {impl} ({why})")
+
+    if impl == "cudnn":
+        return fused.cudnn_attention(
+            q, k, v, is_causal=is_causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+            local_window=local_window, max_segments=max_segments,
+        )  # fmt: skip
+    if impl in ("splash", "splash_interpret"):
+        return fused.splash_attention(
+            q, k, v, is_causal=is_causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+            local_window=local_window, interpret=impl == "splash_interpret",
+        )  # fmt: skip
+    if impl == "reference" or segment_ids is not None or mask is not None:
         full = _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window)
-        if implementation == "reference":
-            return reference_attention(
+        if impl == "reference":
+            out = reference_attention(
                 q, k, v, mask=full, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng
             )
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=full, implementation=implementation)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=full, implementation="xla")
+        if segment_ids is not None:
+            out = jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(out.dtype)
+        return out
     window = None if local_window is None else (local_window - 1, local_window - 1)
+    if is_causal and window is not None:
+        window = (window[0], 0)
     return jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        bias=bias,
-        is_causal=is_causal,
-        local_window_size=window,
-        implementation=implementation,
+        q, k, v, bias=bias, is_causal=is_causal, local_window_size=window, implementation="xla"
     )
