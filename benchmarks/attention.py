@@ -4,7 +4,9 @@
 
 Causal self-attention, bf16, [B, T, N, H] with B*T fixed (tokens per call constant). On GPU the
 bare kernel is cuDNN flash attention; on CPU only XLA exists. With --packed, ours also gets segment
-ids (two sequences per row), which the bare causal kernel does not have to handle.
+ids (two sequences per row), which the bare causal kernel does not have to handle: on a Hopper GPU
+that is cuDNN's packed layout (sized by --max_segments), elsewhere the XLA path with a dense mask.
+--impl forces ours onto one path (e.g. xla, to compare packed cuDNN against it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ flags.DEFINE_integer("tokens", 32_768, "B * T per call.")
 flags.DEFINE_integer("heads", 16, "Heads N.")
 flags.DEFINE_integer("head_dim", 64, "Head size H.")
 flags.DEFINE_bool("packed", False, "Give ours segment ids (two sequences per row).")
+flags.DEFINE_integer("max_segments", 32, "Most sequences per row (ModelConfig.max_segments).")
+flags.DEFINE_string("impl", None, "Force our op's implementation (xla, cudnn, splash); default: choose.")
 flags.DEFINE_integer("iters", 10, "Timed calls.")
 FLAGS = flags.FLAGS
 
@@ -36,7 +40,10 @@ def main(argv):
         seg = jnp.where(jnp.arange(T) < T // 2, 1, 2)[None].repeat(B, 0) if FLAGS.packed else None
 
         def ours(q, k, v, seg=seg):
-            return ops.dot_product_attention(q, k, v, is_causal=True, segment_ids=seg)
+            return ops.dot_product_attention(
+                q, k, v, is_causal=True, segment_ids=seg, max_segments=FLAGS.max_segments,
+                implementation=FLAGS.impl,
+            )  # fmt: skip
 
         def bare(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=bare_impl)
@@ -51,7 +58,7 @@ def main(argv):
             row[f"{name}_fwd_bwd_ms"] = round(time_fn(bwd, q, k, v, iters=FLAGS.iters) * 1e3, 3)
         report(
             "attention", batch=B, length=T, heads=FLAGS.heads, head_dim=FLAGS.head_dim, packed=FLAGS.packed,
-            bare_impl=bare_impl, **row,
+            impl=FLAGS.impl, max_segments=FLAGS.max_segments, bare_impl=bare_impl, **row,
             fwd_ratio=round(row["ours_fwd_ms"] / row["bare_fwd_ms"], 3),
             fwd_bwd_ratio=round(row["ours_fwd_bwd_ms"] / row["bare_fwd_bwd_ms"], 3),
         )  # fmt: skip
