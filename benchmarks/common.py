@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 
 def time_fn(fn, *args, warmup: int = 2, iters: int = 10) -> float:
@@ -52,3 +53,14 @@ def report(name: str, **figures) -> dict:
     row = {"benchmark": name, **figures, **environment()}
     print(json.dumps(row), flush=True)
     return row
+
+
+def synthetic_batch(task, batch: int, length: int, vocab: int, seed: int = 0) -> dict:
+    """Full rows of random tokens (no padding), one sequence per row, in the pipeline's format."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in task.features:
+        out[name] = rng.integers(3, vocab, (batch, length), dtype=np.int32)
+        out[f"{name}_segment_ids"] = np.ones((batch, length), np.int32)
+        out[f"{name}_positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+    return out

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import load_config, report, time_fn
+from benchmarks.common import load_config, report, synthetic_batch, time_fn
 from flaxformer_lite import experiment, flops, sharding
 
 flags.DEFINE_string("config", "configs/wmt_base.py", "Experiment config file.")
@@ -25,17 +25,6 @@ flags.DEFINE_integer("vocab", 32_000, "Vocabulary size (no tokenizer is trained)
 flags.DEFINE_integer("iters", 10, "Timed steps.")
 flags.DEFINE_multi_string("set", [], "Overrides of model fields, e.g. --set=scan_layers=False.")
 FLAGS = flags.FLAGS
-
-
-def synthetic_batch(task, batch: int, length: int, vocab: int, seed: int = 0) -> dict:
-    """Full rows of random tokens (no padding), one sequence per row, in the pipeline's format."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name in task.features:
-        out[name] = rng.integers(3, vocab, (batch, length), dtype=np.int32)
-        out[f"{name}_segment_ids"] = np.ones((batch, length), np.int32)
-        out[f"{name}_positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
-    return out
 
 
 def _parse(value: str):
