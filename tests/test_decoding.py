@@ -123,21 +123,24 @@ def test_cached_lm_generation_equals_recomputing_the_full_forward():
     prompt = jax.random.randint(jax.random.key(2), (2, 4), 2, 31)
     params = nn.unbox(model.init(jax.random.key(0), prompt)["params"])
     got = jax.jit(lambda p, x: decoding.lm_generate(model, p, x, 6, eos_id=-1))(params, prompt)
-    seq = np.asarray(prompt)
     full = fl.DecoderOnly(cfg.replace(deterministic=True))
-    for _ in range(6):  # no cache: run the whole sequence again for every new token
-        bos_seq = np.concatenate([np.zeros((2, 1), np.int32), seq], axis=1)  # [0, tokens...]
-        logits = full.apply({"params": params}, jnp.asarray(bos_seq))  # last position predicts the next
-        seq = np.concatenate([seq, np.argmax(logits[:, -1], -1)[:, None]], axis=1)
-    np.testing.assert_array_equal(got, seq[:, 4:])
+    forward = jax.jit(lambda p, x: full.apply({"params": p}, x))  # one shape: compiled once
+    # No cache: run the whole sequence again for every new token. Row = [0, prompt, new..., 0 pad];
+    # causal attention keeps the trailing pad from changing earlier positions.
+    seq = np.zeros((2, 1 + 4 + 6), np.int32)
+    seq[:, 1:5] = np.asarray(prompt)
+    for i in range(6):
+        logits = forward(params, jnp.asarray(seq))
+        seq[:, 5 + i] = np.argmax(logits[:, 4 + i], -1)  # position 4 + i predicts token 5 + i
+    np.testing.assert_array_equal(got, seq[:, 5:])
 
 
 def test_cached_translation_equals_recomputing_the_full_forward():
     model, params, src = _tiny_translation()
-    got = decoding.translate(model, params, src, 6, eos_id=-1)
-    out = np.zeros((3, 0), np.int32)
-    for _ in range(6):
-        dec_in = np.concatenate([np.zeros((3, 1), np.int32), out], axis=1)
-        logits = model.apply({"params": params}, src, jnp.asarray(dec_in))
-        out = np.concatenate([out, np.argmax(logits[:, -1], -1)[:, None]], axis=1)
-    np.testing.assert_array_equal(got, out)
+    got = jax.jit(lambda p, x: decoding.translate(model, p, x, 6, eos_id=-1))(params, src)
+    forward = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y))  # one shape: compiled once
+    dec_in = np.zeros((3, 7), np.int32)  # [0, new tokens..., 0 pad]: causal, the pad changes nothing
+    for i in range(6):
+        logits = forward(params, src, jnp.asarray(dec_in))
+        dec_in[:, i + 1] = np.argmax(logits[:, i], -1)
+    np.testing.assert_array_equal(got, dec_in[:, 1:])
