@@ -9,16 +9,19 @@ checkout. Both sides: fp32, dropout 0.1, shared tied embeddings, Adam, label smo
 rows of random tokens (ours in its pipeline format with segment ids and positions, the example
 with its padding mask from tokens > 0, as each trains). Decoding: beam 4 (alpha 0.6) and greedy
 (the example: its beam search with one beam), `new_tokens` tokens with EOS never chosen.
-Each round times the example then ours; the JSON line has every round's medians and the ratios
-ours/example of the medians across rounds (> 1 = ours faster).
+Calls alternate example, ours, example, ...; the JSON line has each round's median ms per side and
+the ratios example/ours of the medians across rounds, in throughput terms (> 1 = ours faster).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 import os
+import re
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +29,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from benchmarks.common import load_config, report, synthetic_batch, time_fn
+from benchmarks.common import load_config, report, synthetic_batch
 from flaxformer_lite import decoding, experiment, sharding
 
 SHAPES = {  # d_model, heads, d_ff, layers (each stack), vocab, batch, length
@@ -42,6 +45,8 @@ flags.DEFINE_integer("decode_iters", 2, "Timed decode calls per round and side."
 flags.DEFINE_integer("decode_batch", 32, "Sentences per decode call.")
 flags.DEFINE_integer("new_tokens", 64, "Tokens decoded per sentence.")
 flags.DEFINE_bool("decode", True, "Also time beam-4 and greedy decoding.")
+flags.DEFINE_float("dropout", 0.1, "Residual/embedding dropout rate on both sides.")
+flags.DEFINE_bool("hlo_stats", False, "Print each train step's XLA cost analysis and op counts, then stop.")
 flags.DEFINE_multi_string("set", [], "Overrides of our model fields, e.g. --set=scan_layers=True.")
 FLAGS = flags.FLAGS
 
@@ -69,7 +74,7 @@ def anchor_fns(d, heads, ff, layers, vocab, batch, length):
     cfg = models.TransformerConfig(
         vocab_size=vocab, output_vocab_size=vocab, share_embeddings=True, logits_via_embedding=True,
         dtype=jnp.float32, num_layers=layers, emb_dim=d, qkv_dim=d, mlp_dim=ff, num_heads=heads,
-        max_len=512, dropout_rate=0.1, attention_dropout_rate=0.0, deterministic=False,
+        max_len=512, dropout_rate=FLAGS.dropout, attention_dropout_rate=0.0, deterministic=False,
     )  # fmt: skip
     eval_cfg = cfg.replace(deterministic=True)
     rng = np.random.default_rng(0)
@@ -98,6 +103,8 @@ def anchor_fns(d, heads, ff, layers, vocab, batch, length):
     def train():
         state[0], state[1], loss = step(state[0], state[1], jax.random.key(1))
         return loss
+
+    train.compiled = lambda: step.lower(state[0], state[1], jax.random.key(1)).compile()
 
     dec_cfg = eval_cfg.replace(decode=True)
     src = inputs[: FLAGS.decode_batch]
@@ -135,7 +142,7 @@ def our_fns(d, heads, ff, layers, vocab, batch, length):
     over = config.model.overrides
     over.d_model, over.num_heads, over.d_ff = d, heads, ff
     over.num_encoder_layers = over.num_decoder_layers = layers
-    over.dtype, over.dropout_rate = "float32", 0.1
+    over.dtype, over.dropout_rate = "float32", FLAGS.dropout
     for item in FLAGS.set:
         key, value = item.split("=", 1)
         over[key] = {"True": True, "False": False}.get(value, value if not value.isdigit() else int(value))
@@ -151,6 +158,12 @@ def our_fns(d, heads, ff, layers, vocab, batch, length):
         with jax.set_mesh(exp.mesh):
             holder[0], metrics = step(holder[0], batch_arrays, jax.random.key(1))
         return metrics["loss"]
+
+    def compiled():
+        with jax.set_mesh(exp.mesh):
+            return step.lower(holder[0], batch_arrays, jax.random.key(1)).compile()
+
+    train.compiled = compiled
 
     model = exp.inference_model
     src = batch_arrays["inputs"][: FLAGS.decode_batch]
@@ -172,13 +185,36 @@ def main(argv):
     d, heads, ff, layers, vocab, batch, length = shape
     # One CPU device for both sides (the tests' 8 fake devices would split only ours).
     sides = {"example": anchor_fns(*shape), "ours": our_fns(*shape)}
-    times = {f"{side}_{kind}": [] for side in sides for kind in ("train", "beam4", "greedy")}
-    for _ in range(FLAGS.rounds):
-        for side, (train, decoders) in sides.items():
-            times[f"{side}_train"].append(time_fn(train, iters=FLAGS.iters))
-            if FLAGS.decode:
-                times[f"{side}_beam4"].append(time_fn(decoders[4], iters=FLAGS.decode_iters, warmup=1))
-                times[f"{side}_greedy"].append(time_fn(decoders[1], iters=FLAGS.decode_iters, warmup=1))
+    if FLAGS.hlo_stats:
+        for side, (train, _) in sides.items():
+            compiled = train.compiled()
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            ops = collections.Counter(re.findall(r"= \S+ (\w[\w-]*)\(", compiled.as_text()))
+            report(
+                "vs_flax_wmt_hlo", side=side, shape=FLAGS.shape, gflops=round(cost["flops"] / 1e9, 3),
+                transcendentals=cost.get("transcendentals"), bytes_accessed=cost.get("bytes accessed"),
+                top_ops=dict(ops.most_common(12)),
+            )  # fmt: skip
+        return
+    # Alternate call by call (example, ours, example, ...) so that a slow spell of a shared machine
+    # hits both sides alike; each round's figure is the median of its calls.
+    kinds = {"train": lambda fns: fns[0], **({} if not FLAGS.decode else {
+        "beam4": lambda fns: fns[1][4], "greedy": lambda fns: fns[1][1]})}  # fmt: skip
+    times = {f"{side}_{kind}": [] for side in sides for kind in kinds}
+    for kind, pick in kinds.items():
+        calls = FLAGS.iters if kind == "train" else FLAGS.decode_iters
+        for side, fns in sides.items():
+            jax.block_until_ready(pick(fns)())  # compile and warm up
+        for _ in range(FLAGS.rounds):
+            round_times = {side: [] for side in sides}
+            for _ in range(calls):
+                for side, fns in sides.items():
+                    start = time.perf_counter()
+                    jax.block_until_ready(pick(fns)())
+                    round_times[side].append(time.perf_counter() - start)
+            for side in sides:
+                times[f"{side}_{kind}"].append(statistics.median(round_times[side]))
     med = {k: statistics.median(v) for k, v in times.items() if v}
     figures = {k: [round(s * 1e3, 1) for s in v] for k, v in times.items() if v}  # ms per round
     tokens = batch * length
@@ -190,7 +226,7 @@ def main(argv):
         "vs_flax_wmt",
         shape=FLAGS.shape,
         d_model=d, heads=heads, d_ff=ff, layers=layers, vocab=vocab, batch=batch, length=length,
-        overrides=FLAGS.set,
+        overrides=FLAGS.set, dropout=FLAGS.dropout,
         ours_train_tokens_per_s=round(tokens / med["ours_train"]),
         example_train_tokens_per_s=round(tokens / med["example_train"]),
         ms_per_round=figures,

@@ -144,17 +144,24 @@ def length_penalty(length, alpha: float):
 
 
 def _gather_beams(tree, beam_indices, batch: int, beams: int):
-    """Reorder every cache leaf whose batch axis (0, or 1 under nn.scan) has batch * beams rows."""
+    """Reorder every cache leaf whose batch axis (0, or 1 under nn.scan) has batch * beams rows.
+
+    Cross-attention keys, values and segment ids are skipped: they were projected once from the
+    tiled encoder output, so all beams of a row hold the same ones and reordering is a no-op
+    (the largest leaves of the cache, copied every step for nothing otherwise).
+    """
     flat = (jnp.arange(batch)[:, None] * beams + beam_indices).reshape(-1)  # [B*K] source rows
 
-    def gather(x):
+    def gather(path, x):
+        if any(getattr(key, "key", None) == "cross_attention" for key in path):
+            return x
         if x.ndim >= 1 and x.shape[0] == batch * beams:
             return x[flat]
         if x.ndim >= 2 and x.shape[1] == batch * beams:  # layer-stacked cache (scan)
             return x[:, flat]
         return x
 
-    return jax.tree.map(gather, tree)
+    return jax.tree_util.tree_map_with_path(gather, tree)
 
 
 def beam_search(

@@ -46,7 +46,8 @@ class _Positions(nn.Module):
         if cfg.position == "learned":
             x = x + Embed(cfg.max_len, cfg, axes=(LENGTH, EMBED), name="table")(positions)
         elif cfg.position == "sinusoidal":
-            x = x + ops.sinusoidal_embedding(positions, cfg.d_model).astype(x.dtype)
+            table = ops.sinusoidal_table(cfg.max_len, cfg.d_model)  # host constant, gathered per token
+            x = x + jnp.take(jnp.asarray(table, x.dtype), positions, axis=0)
         return nn.Dropout(cfg.dropout_rate, deterministic=cfg.deterministic)(x)
 
 

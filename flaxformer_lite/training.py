@@ -146,9 +146,7 @@ def loss_sums(params, batch, rng, *, model, task, label_smoothing=0.0, sampling_
     if sampling_prob is not None:
         decoder_inputs = _scheduled_sampling_inputs(model, task, params, batch, rng, sampling_prob)
     logits, targets, weights = task.forward(model, params, batch, rng, decoder_inputs)
-    loss, denom = ops.cross_entropy(logits, targets, weights, label_smoothing)
-    nll, _ = ops.cross_entropy(logits, targets, weights) if label_smoothing else (loss, denom)
-    correct, _ = ops.accuracy(logits, targets, weights)
+    loss, nll, correct, denom = ops.token_losses(logits, targets, weights, label_smoothing)
     return loss, (denom, nll, correct)
 
 
@@ -183,11 +181,13 @@ def train_step(
         (loss, aux), grads = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
         return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
 
-    # [B, ...] -> [k, B/k, ...]; a scan sums micro-batch gradients before the single division.
     k = grad_accum_steps
-    micro_batches = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
-    zeros = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), (jnp.zeros(()),) * 3
-    (grads, loss, (denom, nll, correct)), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(k)))
+    if k == 1:  # no scan around a single micro-batch: XLA fuses and reuses buffers across it
+        (loss, (denom, nll, correct)), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0))
+    else:  # [B, ...] -> [k, B/k, ...]; a scan sums micro-batch gradients before the single division
+        micro_batches = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+        zeros = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), (jnp.zeros(()),) * 3
+        (grads, loss, (denom, nll, correct)), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(k)))
     denom = jnp.maximum(denom, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -12,7 +12,7 @@ from flaxformer_lite.ops.attention import (
     sliding_window_mask,
 )
 from flaxformer_lite.ops.fused import segment_layout
-from flaxformer_lite.ops.losses import accuracy, cross_entropy
+from flaxformer_lite.ops.losses import accuracy, cross_entropy, token_losses
 from flaxformer_lite.ops.norms import layer_norm, rms_norm
 from flaxformer_lite.ops.positions import (
     alibi_bias,
@@ -50,4 +50,5 @@ __all__ = [
     "sinusoidal_embedding",
     "sinusoidal_table",
     "sliding_window_mask",
+    "token_losses",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import jax
@@ -28,9 +30,20 @@ def sinusoidal_embedding(
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], dim)
 
 
-def sinusoidal_table(length: int, dim: int, max_timescale: float = 10_000.0) -> Array:
-    """[length, dim] table of `sinusoidal_embedding` for positions 0..length-1."""
-    return sinusoidal_embedding(jnp.arange(length), dim, max_timescale)
+@functools.lru_cache(maxsize=16)
+def sinusoidal_table(length: int, dim: int, max_timescale: float = 10_000.0) -> np.ndarray:
+    """[length, dim] float32 host table of `sinusoidal_embedding` for positions 0..length-1.
+
+    Built once with numpy (read-only, cached) so that a jitted step gathers rows from a constant
+    instead of evaluating sin/cos for every token of every batch.
+    """
+    if dim % 2:
+        raise ValueError(f"sinusoidal positions need an even dim, got {dim}.")
+    inv_freq = max_timescale ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+    table = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(length, dim).astype(np.float32)
+    table.flags.writeable = False
+    return table
 
 
 def apply_rope(
