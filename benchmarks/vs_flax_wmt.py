@@ -80,7 +80,9 @@ def anchor_fns(d, heads, ff, layers, vocab, batch, length):
     rng = np.random.default_rng(0)
     inputs = jnp.asarray(rng.integers(3, vocab, (batch, length)), jnp.int32)
     targets = jnp.asarray(rng.integers(3, vocab, (batch, length)), jnp.int32)
-    params = jax.jit(lambda: models.Transformer(eval_cfg).init(jax.random.key(0), inputs, targets)["params"])()
+    params = jax.jit(
+        lambda: models.Transformer(eval_cfg).init(jax.random.key(0), inputs, targets)["params"]
+    )()
     schedule = optax.warmup_cosine_decay_schedule(0, 2e-3, 150, 1000)
     tx = optax.adam(schedule, b1=0.9, b2=0.98, eps=1e-9)
     state = [params, tx.init(params)]
@@ -114,7 +116,9 @@ def anchor_fns(d, heads, ff, layers, vocab, batch, length):
         cache = models.Transformer(dec_cfg).init(
             jax.random.key(0), jnp.ones(src.shape, jnp.int32), jnp.ones((src.shape[0], max_dec), jnp.int32)
         )["cache"]
-        encoded = models.Transformer(eval_cfg).apply({"params": params}, src, method=models.Transformer.encode)
+        encoded = models.Transformer(eval_cfg).apply(
+            {"params": params}, src, method=models.Transformer.encode
+        )
         encoded = decode.flat_batch_beam_expand(encoded, beams)
         raw = decode.flat_batch_beam_expand(src, beams)
 
@@ -172,7 +176,9 @@ def our_fns(d, heads, ff, layers, vocab, batch, length):
     def predict(params, src, beams):
         if beams == 1:
             return decoding.translate(model, params, src, FLAGS.new_tokens, eos_id=-1)
-        return decoding.translate_beam(model, params, src, FLAGS.new_tokens, beams=beams, alpha=0.6, eos_id=never)
+        return decoding.translate_beam(
+            model, params, src, FLAGS.new_tokens, beams=beams, alpha=0.6, eos_id=never
+        )
 
     jitted = jax.jit(predict, static_argnums=2)
     decoders = {b: functools.partial(lambda b: jitted(holder[0].params, src, b), b) for b in (4, 1)}
@@ -204,7 +210,7 @@ def main(argv):
     times = {f"{side}_{kind}": [] for side in sides for kind in kinds}
     for kind, pick in kinds.items():
         calls = FLAGS.iters if kind == "train" else FLAGS.decode_iters
-        for side, fns in sides.items():
+        for fns in sides.values():
             jax.block_until_ready(pick(fns)())  # compile and warm up
         for _ in range(FLAGS.rounds):
             round_times = {side: [] for side in sides}

@@ -99,7 +99,7 @@ def _token_losses_bwd(label_smoothing, residuals, cotangents):
     g_loss, g_nll = cotangents[0], cotangents[1]  # counts and weight sums have no gradient
     vocab = logits.shape[-1]
     p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-    gold = jnp.arange(vocab) == targets[..., None]
+    gold = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
     if label_smoothing > 0.0:
         confidence, low, _ = _smoothing_constants(vocab, label_smoothing)
         target = jnp.where(gold, confidence, low)
