@@ -2,6 +2,7 @@
 
 from flaxformer_lite.ops.activations import ACTIVATIONS, GATED_ACTIVATIONS, gated
 from flaxformer_lite.ops.attention import (
+    cached_attention,
     causal_mask,
     choose_implementation,
     combine_masks,
@@ -32,6 +33,7 @@ __all__ = [
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
+    "cached_attention",
     "causal_mask",
     "choose_implementation",
     "combine_masks",

@@ -117,6 +117,36 @@ def reference_attention(
     return out.reshape(B, T, N, H)
 
 
+def cached_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B K H S"],
+    v: Float[Array, "B K S H"],
+    *,
+    mask: Bool[Array, "#B #N T S"] | None = None,
+    bias: Float[Array, "#B #N T S"] | None = None,
+) -> Float[Array, "B T N H"]:
+    """Attention over a head-major KV cache (decoding): keys [B, K, H, S], values [B, K, S, H].
+
+    Those are the layouts the two matmuls read, so a decoding step never transposes the cache
+    (with [B, S, K, H] XLA copies every cached key and value once per step). fp32 logits and
+    softmax, GQA/MQA by grouping query heads; mask/bias as in `reference_attention`.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
+    _announce(f"KV-cache decoding q{tuple(q.shape)} cache S={k.shape[3]}: head-major cache attention (XLA)")
+    qg = q.reshape(B, T, K, G, H)
+    logits = jnp.einsum("btkgh,bkhs->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / jnp.sqrt(jnp.float32(H)))
+    if bias is not None:
+        logits = logits + _group_heads(bias.astype(jnp.float32), K, G)
+    if mask is not None:
+        logits = jnp.where(_group_heads(mask, K, G), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(B, T, N, H)
+
+
 def _group_heads(x: Array, K: int, G: int) -> Array:
     """[B, N or 1, T, S] -> [B, K or 1, G or 1, T, S] to line up with grouped query heads."""
     b, n, t, s = x.shape
