@@ -240,7 +240,7 @@ def _quadratic_tensors(text: str, T: int) -> set[str]:
     return set(re.findall(rf"tensor<(?:\d+x)*{T}x{T}x\w+>", text))
 
 
-@pytest.mark.parametrize("name", ["wmt_base", "gpt2_small", "llama_small"])
+@pytest.mark.parametrize("name", ["wmt_base", "wmt_big", "gpt2_small", "llama_small"])
 def test_train_step_lowers_to_cudnn_flash_attention_for_cuda(name):
     """cuDNN's trace-time checks need a GPU, so check_cudnn_version and check_compute_capability
     are stubbed (cuDNN 9.10, Hopper) to lower on CPU. Numerics are NOT checked here: this proves
@@ -262,7 +262,7 @@ def test_train_step_lowers_to_cudnn_flash_attention_for_cuda(name):
         assert f"{B}x{cfg.max_segments}" in types and f"{B}x{cfg.max_segments + 1}" in types
 
 
-@pytest.mark.parametrize("name", ["wmt_base", "gpt2_small", "llama_small"])
+@pytest.mark.parametrize("name", ["wmt_base", "wmt_big", "gpt2_small", "llama_small"])
 def test_train_step_lowers_to_splash_attention_for_tpu(name):
     text, B, T = _lowered_train_step(name, "tpu", jax.device_count())  # splash under shard_map
     assert "tpu_custom_call" in text
