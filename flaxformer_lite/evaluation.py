@@ -163,5 +163,6 @@ def evaluate_bleu(
     scores = metrics.bleu_and_chrf(hyps, ref_streams)
     if num_refs > 1:  # also against each reference alone (each translation version of the test set)
         scores["bleu_per_reference"] = [metrics.bleu_and_chrf(hyps, [r])["bleu"] for r in ref_streams]
+    scores["repeated_3gram_share"] = metrics.repetition_share(hyps)  # hypotheses stuck in a loop
     scores.update(examples=n, references_per_sentence=num_refs, **counts)
     return {**scores, "hypotheses": hyps, "sources": src_texts, "references": ref_streams}

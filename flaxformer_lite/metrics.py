@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import sacrebleu
@@ -28,3 +29,17 @@ def perplexity(nll_sum: float, weight_sum: float) -> float:
     if weight_sum <= 0:
         raise ValueError("no target tokens to compute perplexity on.")
     return math.exp(nll_sum / weight_sum)
+
+
+def repetition_share(texts: list[str], n: int = 3, min_count: int = 3) -> float:
+    """Share of texts in which some whitespace-token n-gram occurs at least `min_count` times:
+    the degenerate loops of a decoder ("sondern der Vater, sondern der Vater, sondern der Vater")."""
+    if not texts:
+        return 0.0
+
+    def loops(text: str) -> bool:
+        words = text.split()
+        grams = collections.Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        return any(c >= min_count for c in grams.values())
+
+    return sum(loops(t) for t in texts) / len(texts)

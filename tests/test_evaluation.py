@@ -77,3 +77,17 @@ def test_bleu_uses_every_reference_stream(tmp_path):
     assert result["references"] == refs
     assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score)
     assert 0 < result["bleu"] < 100
+
+
+def test_repetition_share_counts_texts_with_a_looping_3gram():
+    from flaxformer_lite import metrics
+
+    texts = [
+        "sondern der Vater, sondern der Vater, sondern der Vater, und",  # 3-gram x3: a loop
+        "a b c a b c",  # twice only
+        "the the the the the",  # ("the", "the", "the") occurs 3 times
+        "",
+    ]
+    assert metrics.repetition_share(texts) == 0.5
+    assert metrics.repetition_share(texts, min_count=2) == 0.75
+    assert metrics.repetition_share([]) == 0.0
