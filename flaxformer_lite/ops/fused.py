@@ -125,6 +125,7 @@ def _block(length: int) -> int:
 
 
 def _splash_kernel(T, S, N, mqa, is_causal, local_window, interpret):
+    """A splash MHA (or MQA) kernel for one example: [N, T, H] queries against [K, S, H] keys."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     if local_window is not None:
