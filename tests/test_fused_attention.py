@@ -173,6 +173,11 @@ def test_choose_implementation_per_backend():
     assert choose("gpu", head_dim=12) == "xla"
     assert choose("gpu", has_bias=True) == "xla"  # relative/ALiBi positions
     assert choose("gpu", has_mask=True) == "xla"  # KV-cache decoding
+    assert choose("gpu", packed=True) == "cudnn"
+    assert choose("gpu", packed=True, packed_on_cudnn=False) == "xla"  # pre-Hopper
+    assert choose("gpu", packed_on_cudnn=False) == "cudnn"  # unpacked rows: any cuDNN GPU
+    assert choose("gpu", bidirectional_window=True) == "xla"  # cuDNN windows are left-only
+    assert choose("tpu", bidirectional_window=True) == "splash"
     assert choose("tpu") == "splash"
     assert choose("tpu", q_len=64) == "xla"  # splash blocks are multiples of 128
     assert choose("tpu", has_bias=True) == "xla"

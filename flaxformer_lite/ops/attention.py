@@ -99,11 +99,24 @@ def reference_attention(
     mask: bool [B or 1, N or 1, T, S]; bias: float [B or 1, N or 1, T, S], added to the logits.
     The only path that applies dropout to the attention probabilities.
     """
+    return _grouped_attention(
+        q, k, v, "bskh", mask=mask, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+    )
+
+
+def _grouped_attention(q, k, v, kv_layout: str, *, mask, bias, dropout_rate=0.0, dropout_rng=None):
+    """The einsum attention of `reference_attention` and `cached_attention`.
+
+    `kv_layout` names the key axes: "bskh" ([B, S, K, H] keys and values) or "bkhs" (head-major
+    cache: keys [B, K, H, S], values [B, K, S, H]). Query heads are grouped by the kv head they
+    share; fp32 logits and softmax.
+    """
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K = k.shape[kv_layout.index("k")]
     G = N // K
-    qg = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    v_layout = "bskh" if kv_layout == "bskh" else "bksh"
+    qg = q.reshape(B, T, K, G, H)
+    logits = jnp.einsum(f"btkgh,{kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / jnp.sqrt(jnp.float32(H)))
     if bias is not None:
         logits = logits + _group_heads(bias.astype(jnp.float32), K, G)
@@ -113,7 +126,7 @@ def reference_attention(
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    out = jnp.einsum(f"bkgts,{v_layout}->btkgh", probs.astype(v.dtype), v)
     return out.reshape(B, T, N, H)
 
 
@@ -131,20 +144,8 @@ def cached_attention(
     (with [B, S, K, H] XLA copies every cached key and value once per step). fp32 logits and
     softmax, GQA/MQA by grouping query heads; mask/bias as in `reference_attention`.
     """
-    B, T, N, H = q.shape
-    K = k.shape[1]
-    G = N // K
     _announce(f"KV-cache decoding q{tuple(q.shape)} cache S={k.shape[3]}: head-major cache attention (XLA)")
-    qg = q.reshape(B, T, K, G, H)
-    logits = jnp.einsum("btkgh,bkhs->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / jnp.sqrt(jnp.float32(H)))
-    if bias is not None:
-        logits = logits + _group_heads(bias.astype(jnp.float32), K, G)
-    if mask is not None:
-        logits = jnp.where(_group_heads(mask, K, G), logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v)
-    return out.reshape(B, T, N, H)
+    return _grouped_attention(q, k, v, "bkhs", mask=mask, bias=bias)
 
 
 def _group_heads(x: Array, K: int, G: int) -> Array:
@@ -164,13 +165,17 @@ def choose_implementation(
     has_bias: bool = False,
     dropout: bool = False,
     packed: bool = False,
+    packed_on_cudnn: bool = True,
+    bidirectional_window: bool = False,
     requested: str | None = None,
 ) -> tuple[str, str]:
     """(implementation, reason): the fused kernel for `backend` ("gpu", "tpu", "cpu") when it can
     serve these inputs, else the XLA (or, for attention dropout, einsum) path and why.
 
     `requested` forces a path ("cudnn", "splash", ...); inputs it cannot serve still fall back.
-    `packed`: rows hold several sequences (cuDNN needs Hopper for that; the caller checks).
+    `packed`: rows hold several sequences, which cuDNN serves only where `packed_on_cudnn`
+    (a Hopper or newer GPU). `bidirectional_window`: a local window without causality, which
+    cuDNN's left-only windows cannot express.
     """
     if requested in ("reference", "xla"):
         return requested, "attention_impl forces it"
@@ -186,6 +191,10 @@ def choose_implementation(
             return "xla", f"cuDNN flash attention needs bfloat16/float16, not {jnp.dtype(dtype).name}"
         if head_dim % 8 or head_dim > 128:
             return "xla", f"cuDNN needs a head dim that is a multiple of 8 and <= 128, not {head_dim}"
+        if packed and not packed_on_cudnn:
+            return "xla", "cuDNN packed rows need a Hopper (sm90+) GPU"
+        if bidirectional_window:
+            return "xla", "cuDNN windows are left-only (causal)"
         return "cudnn", "packed rows as per-sequence lengths and offsets" if packed else "fused kernel"
     if want in ("splash", "splash_interpret"):
         if q_len % fused.LANES or kv_len % fused.LANES:
@@ -263,12 +272,10 @@ def dot_product_attention(
         has_bias=bias is not None,
         dropout=dropout_active,
         packed=packed,
+        packed_on_cudnn=not packed or fused.cudnn_supports_packing(),
+        bidirectional_window=local_window is not None and not is_causal,
         requested=implementation,
     )
-    if impl == "cudnn" and packed and not fused.cudnn_supports_packing():
-        impl, why = "xla", "cuDNN packed rows need a Hopper (sm90+) GPU"
-    if local_window is not None and not is_causal and impl == "cudnn":
-        impl, why = "xla", "cuDNN windows are left-only (causal)"
     _announce(f"q{tuple(q.shape)} kv{tuple(k.shape)} {q.dtype}: {impl} ({why})")
 
     if impl == "cudnn":
@@ -289,9 +296,7 @@ def dot_product_attention(
             )
         else:
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=full, implementation="xla")
-        if segment_ids is not None:
-            out = jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(out.dtype)
-        return out
+        return fused.zero_padding_queries(out, segment_ids)
     window = None if local_window is None else (local_window - 1, local_window - 1)
     if is_causal and window is not None:
         window = (window[0], 0)

@@ -47,6 +47,18 @@ def segment_layout(
     return seqlens, offsets
 
 
+def zero_padding_queries(out: Float[Array, "B T N H"], segment_ids: Int[Array, "B T"] | None) -> Array:
+    """0 at padding queries (segment id 0), the same on every attention path; `out` if no ids."""
+    if segment_ids is None:
+        return out
+    return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(out.dtype)
+
+
+def _repeat_kv(k: Array, v: Array, heads: int) -> tuple[Array, Array]:
+    """[B, S, K, H] keys and values with each kv head repeated to `heads` heads."""
+    return tuple(jnp.repeat(x, heads // x.shape[2], axis=2) for x in (k, v))
+
+
 def _cudnn_module():
     """jax's cuDNN attention module (private API: packed rows are not public in jax <= 0.11)."""
     from jax._src.cudnn import fused_attention_stablehlo
@@ -100,9 +112,10 @@ def cudnn_attention(
     else:
         cudnn = _cudnn_module()
         if k.shape[2] != N:
-            k, v = (jnp.repeat(x, N // x.shape[2], axis=2) for x in (k, v))
+            k, v = _repeat_kv(k, v, N)
         q_len, q_off = segment_layout(segment_ids, max_segments)
-        kv_len, kv_off = segment_layout(kv_segment_ids, max_segments)
+        self_attention = kv_segment_ids is segment_ids
+        kv_len, kv_off = (q_len, q_off) if self_attention else segment_layout(kv_segment_ids, max_segments)
         mask_type = cudnn.MaskType.PADDING_CAUSAL if is_causal else cudnn.MaskType.PADDING
         out = cudnn.dot_product_attention(
             q,
@@ -116,7 +129,7 @@ def cudnn_attention(
             mask_type=mask_type,
             sliding_window_length=local_window,
         )
-    return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+    return zero_padding_queries(out, segment_ids).astype(q.dtype)
 
 
 def _block(length: int) -> int:
@@ -178,13 +191,16 @@ def splash_attention(
     B, T, N, H = q.shape
     S = k.shape[1]
     if T % LANES or S % LANES:
-        raise ValueError(f"splash attention needs lengths that are multiples of {LANES}; got T={T}, S={S}.")
+        raise ValueError(
+            f"splash attention needs lengths that are multiples of {LANES}; got T={T}, S={S}: pad the "
+            f"rows (max_length) to a multiple of {LANES} or use implementation='xla'."
+        )
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
     mesh = jax.sharding.get_abstract_mesh()
     heads = mesh.shape.get(HEAD_MESH_AXIS, 1) if not mesh.empty else 1
     if k.shape[2] % heads:
-        k, v = (jnp.repeat(x, N // x.shape[2], axis=2) for x in (k, v))
+        k, v = _repeat_kv(k, v, N)
 
     def per_shard(q, k, v, *segments):
         n_local, mqa = q.shape[2], k.shape[2] == 1
@@ -214,6 +230,4 @@ def splash_attention(
             out_specs=qkv,
             check_vma=False,
         )(q, k, v, *segments)
-    if segment_ids is not None:
-        out = jnp.where((segment_ids != 0)[:, :, None, None], out, 0)
-    return out.astype(q.dtype)
+    return zero_padding_queries(out, segment_ids).astype(q.dtype)
