@@ -15,7 +15,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxformer_lite import cli, decoding, evaluation, experiment, reporting, tasks
+from flaxformer_lite import cli, decoding, evaluation, experiment, tasks
 
 
 def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_examples: int,
@@ -75,7 +75,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
+    cli.quiet_console()
     try:
         summary = evaluate(
             f.config, f.workdir, f.split, beams=f.beam_size, alpha=f.alpha, max_examples=f.max_examples,

@@ -17,9 +17,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from flaxformer_lite import cli, decoding, experiment, reporting, tasks
+from flaxformer_lite import cli, decoding, experiment, tasks
 
 
 def define_flags() -> None:
@@ -132,7 +132,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
+    cli.quiet_console()
     sample = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
     try:
         if f.hf_dir:

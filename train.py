@@ -122,7 +122,7 @@ def _printable(result: dict) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
+    cli.quiet_console()
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except runtime.Stopped as e:

@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import gc
+import logging as pylogging
 import os
 import sys
+import threading
 
-from absl import flags
+from absl import flags, logging
+
+from flaxformer_lite import reporting
 
 # What a user can fix (bad config, missing or bad files, a full disk): one line, no traceback.
 USER_ERRORS = (ValueError, OSError)
+
+
+def quiet_console() -> None:
+    """The scripts' console: library chatter and background-thread tracebacks go to the log file only.
+
+    When a checkpoint write fails (a full disk), orbax's and tensorstore's threads raise hundreds of
+    follow-on errors ("Event loop is closed") as they shut down; the main thread's one-line error says
+    what failed. An uncaught error of the main thread still prints its traceback.
+    """
+    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
+    background = pylogging.getLogger(reporting.BACKGROUND_LOGGER)
+    main_thread_hook = sys.excepthook
+
+    def excepthook(*exc_info):  # also what C threads (tensorstore's callbacks) report through
+        if threading.current_thread() is threading.main_thread():
+            main_thread_hook(*exc_info)
+        else:
+            background.warning(
+                "%s in thread %s", exc_info[0].__name__, threading.current_thread(), exc_info=exc_info
+            )
+
+    sys.excepthook = excepthook
+    sys.unraisablehook = lambda u: background.warning(
+        "%s in %r", u.exc_type.__name__, u.object, exc_info=(u.exc_type, u.exc_value, u.exc_traceback)
+    )
+    threading.excepthook = lambda a: background.warning(
+        "%s in thread %s", a.exc_type.__name__, a.thread, exc_info=(a.exc_type, a.exc_value, a.exc_traceback)
+    )
 
 
 def parse_flags(argv):
@@ -36,8 +69,14 @@ def one_line(e: BaseException) -> str:
 
 
 def exit_with_error(e: BaseException, status: int = 1, prefix: str = "error: ") -> None:
-    """Print `error: <one line>` to stderr and end the process with `status`."""
-    print(f"{prefix}{one_line(e)}", file=sys.stderr)
+    """Print `error: <one line>` to stderr and end the process with `status`.
+
+    Errors that background threads or finalizers raise while the process goes down (orbax's event loop
+    closing, say) go to the log file, not the console, so the error stays the last line on its own.
+    """
+    quiet_console()
+    gc.collect()  # finalizers (an event loop's __del__) run now, into the hooks above
+    sys.stderr.write(f"{prefix}{one_line(e)}\n")  # one write, so no other writer splits the line
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # everything is saved or closed by now; skip the shutdown noise of orbax's threads

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
+import sys
 import time
 
 import jax
@@ -11,6 +13,9 @@ import numpy as np
 from absl import logging
 
 from flaxformer_lite.runtime import TrainingError
+
+# Errors of background threads and finalizers (see cli.quiet_console): the log file only.
+BACKGROUND_LOGGER = "flaxformer_lite.background"
 
 
 class QuietLibraries:
@@ -22,16 +27,40 @@ class QuietLibraries:
     NOISY = ("orbax", "tensorflow_datasets", "grain", "etils")
 
     def filter(self, record) -> bool:
+        if record.name == BACKGROUND_LOGGER:  # errors of threads and finalizers while a script exits
+            return False
         if not any(f"/{n}/" in record.pathname for n in self.NOISY):
             return True
         return record.levelno >= 30 and not record.exc_info
 
 
+class _LogFile(pylogging.FileHandler):
+    """A log file that, when it cannot be written (a full disk), says so once and stops.
+
+    logging's default prints a traceback to stderr for every record after that.
+    """
+
+    failed = False
+
+    def emit(self, record) -> None:
+        if not self.failed:  # records already on their way from other threads when it failed
+            super().emit(record)
+
+    def handleError(self, record) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        pylogging.getLogger().removeHandler(self)
+        reason = sys.exc_info()[1]
+        reason = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        logging.warning(
+            "cannot write the log file %s (%s); logging to the console only", self.baseFilename, reason
+        )
+
+
 def log_to_file(path: str) -> None:
     """Every log record, library tracebacks included, also to `path` (appended)."""
-    import logging as pylogging
-
-    handler = pylogging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(
         pylogging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s")
     )

@@ -114,3 +114,32 @@ def test_bad_input_is_one_clear_line_and_exit_1(case, prepared, reference, tmp_p
     assert len(ours) == 1 and ours[0].startswith("error: "), ours
     assert re.search(expected, ours[0]), ours[0]
     assert "''" not in ours[0] and len(ours[0]) < 600, ours[0]  # no stray quotes, no config dump
+
+
+def test_errors_of_threads_and_finalizers_at_exit_stay_off_the_error_line(tmp_path):
+    """CI once saw `RuntimeErrorerror: writing the checkpoint ...: Event loop is closed`: an event loop's
+    finalizer printed into our line as the process went down. After `exit_with_error` such errors are
+    logged (to the log file), and stderr holds exactly the one line."""
+    script = tmp_path / "late_errors.py"
+    script.write_text(
+        "import logging, os, sys, threading\n"
+        "from absl import logging as absl_logging\n"
+        "from flaxformer_lite import cli\n"
+        "absl_logging.use_absl_handler()  # the console handler, as app.run installs it\n"
+        "logging.getLogger().addHandler(logging.FileHandler(sys.argv[1]))\n"
+        "os._exit = lambda status: None  # keep running, to see where errors raised afterwards land\n"
+        "cli.exit_with_error(OSError(27, 'File too large'))\n"
+        "class Loop:\n"
+        "    def __del__(self):\n"
+        "        raise RuntimeError('Event loop is closed')\n"
+        "loop = Loop(); del loop\n"
+        "t = threading.Thread(target=lambda: 1 / 0); t.start(); t.join()\n"
+    )
+    log = tmp_path / "log.txt"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(log)], cwd=runs.ROOT, env=runs.environment(),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.stderr == "error: [Errno 27] File too large\n", proc.stderr
+    logged = log.read_text()
+    assert "Event loop is closed" in logged and "ZeroDivisionError" in logged, logged
