@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from flaxformer_lite.ops.activations import ACTIVATIONS, GATED_ACTIVATIONS
 from flaxformer_lite.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from flaxformer_lite.ops.positions import SINUSOID_LAYOUTS
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "alibi", "none")
@@ -40,6 +41,7 @@ class ModelConfig:
     pre_norm: bool = False  # False: post-LN as in the paper; True: pre-LN plus a final norm
     position: str = "sinusoidal"  # learned | sinusoidal | rope | relative | alibi | none
     max_len: int = 512  # learned table size and the longest KV cache
+    sinusoid_layout: str = "interleaved"  # interleaved (the paper's) | concat (sin half, cos half: Marian)
     rope_theta: float = 10_000.0
     relative_buckets: int = 32  # T5 relative-position buckets (position="relative")
     relative_max_distance: int = 128
@@ -47,6 +49,8 @@ class ModelConfig:
     use_bias: bool = True  # biases in the dense layers and LayerNorm
     tie_embeddings: bool = True  # output logits through the transposed token embedding
     scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model), as the paper
+    source_vocab_size: int | None = None  # EncoderDecoder: None = one embedding shared with the target
+    logits_bias: bool = False  # a learned bias on the output logits (Marian's final_logits_bias)
     init_std: float | None = None  # None: Xavier-uniform dense, d_model**-0.5 embeddings; else N(0, std)
     dropout_rate: float = 0.1  # residual and embedding dropout
     attention_dropout_rate: float = 0.0  # > 0 forces the einsum attention path (no fused kernel)
@@ -87,6 +91,19 @@ class ModelConfig:
         _check(self.activation in activations, "activation", self.activation, f"use one of {activations}")
         _check(self.norm in NORMS, "norm", self.norm, f"use one of {NORMS}")
         _check(self.position in POSITIONS, "position", self.position, f"use one of {POSITIONS}")
+        _check(
+            self.sinusoid_layout in SINUSOID_LAYOUTS,
+            "sinusoid_layout",
+            self.sinusoid_layout,
+            f"use one of {SINUSOID_LAYOUTS}",
+        )
+        if self.source_vocab_size is not None:
+            _check(
+                self.source_vocab_size > 0,
+                "source_vocab_size",
+                self.source_vocab_size,
+                "use None (shared vocabulary) or a positive size",
+            )
         _check(
             self.remat_policy in REMAT_POLICIES,
             "remat_policy",

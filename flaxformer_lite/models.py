@@ -46,7 +46,8 @@ class _Positions(nn.Module):
         if cfg.position == "learned":
             x = x + Embed(cfg.max_len, cfg, axes=(LENGTH, EMBED), name="table")(positions)
         elif cfg.position == "sinusoidal":
-            table = ops.sinusoidal_table(cfg.max_len, cfg.d_model)  # host constant, gathered per token
+            # A host constant, gathered per token.
+            table = ops.sinusoidal_table(cfg.max_len, cfg.d_model, layout=cfg.sinusoid_layout)
             x = x + jnp.take(jnp.asarray(table, x.dtype), positions, axis=0)
         return nn.Dropout(cfg.dropout_rate, deterministic=cfg.deterministic)(x)
 
@@ -108,8 +109,15 @@ class Decoder(nn.Module):
         if cfg.pre_norm:
             x = Norm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
-            return self.embed.attend(x)
-        return dense(cfg, cfg.vocab_size, (EMBED, VOCAB), "logits")(x)
+            logits = self.embed.attend(x)
+        else:
+            head_cfg = cfg.replace(use_bias=False) if cfg.logits_bias else cfg  # one bias, not two
+            logits = dense(head_cfg, cfg.vocab_size, (EMBED, VOCAB), "logits")(x)
+        if cfg.logits_bias:
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,))
+            bias = self.param("logits_bias", zeros, (cfg.vocab_size,), cfg.param_dtype)
+            logits = logits + bias.astype(cfg.dtype)[None, None, :]
+        return logits
 
 
 def _token_embed(cfg: ModelConfig) -> Embed:
@@ -122,9 +130,13 @@ class EncoderDecoder(nn.Module):
     config: ModelConfig
 
     def setup(self):
-        self.embed = _token_embed(self.config)
-        self.encoder = Encoder(self.config, self.embed)
-        self.decoder = Decoder(self.config, self.embed, cross=True)
+        cfg = self.config
+        self.embed = _token_embed(cfg)
+        source_embed = self.embed
+        if cfg.source_vocab_size is not None:  # separate source and target vocabularies
+            source_embed = Embed(cfg.source_vocab_size, cfg, scale=cfg.scale_embeddings, name="source_embed")
+        self.encoder = Encoder(cfg, source_embed)
+        self.decoder = Decoder(cfg, self.embed, cross=True)
 
     def encode(self, inputs: Array, segment_ids: Array | None = None, positions: Array | None = None):
         """[B, S] source ids -> [B, S, d_model]. Without segment ids, id 0 marks padding."""

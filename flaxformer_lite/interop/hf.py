@@ -1,4 +1,5 @@
-"""GPT-2 and LLaMA-family (LLaMA, Mistral) checkpoints of HuggingFace `transformers` <-> ours.
+"""HuggingFace `transformers` checkpoints <-> ours: GPT-2, the LLaMA family (LLaMA, Mistral) and
+Marian (opus-mt; its config and name table live in `marian.py`).
 
 A checkpoint directory holds config.json and model.safetensors (or shards listed in
 model.safetensors.index.json). Tensors are read and written with `safetensors.numpy`, so neither
@@ -16,8 +17,11 @@ import os
 import numpy as np
 
 from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.interop import marian
 
-SUPPORTED = ("gpt2", "llama", "mistral")
+SUPPORTED = ("gpt2", "llama", "mistral", "marian")
+# Architectures described by a module: config_from_hf/config_to_hf/matches/names/VOCAB_AXES/ALIASES.
+TABLES = {"marian": marian}
 _GPT2_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
@@ -41,6 +45,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
             f"model_type {kind!r} (architectures {hf.get('architectures')}) is not supported; "
             f"supported: {', '.join(SUPPORTED)}."
         )
+    if kind in TABLES:
+        return TABLES[kind].config_from_hf(hf, _unsupported_options)
     return _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
 
 
@@ -122,8 +128,16 @@ def _llama_config(hf: dict) -> ModelConfig:
     )
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """A transformers config.json dict for a GPT-2- or LLaMA-shaped ModelConfig."""
+def config_to_hf(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
+    """A transformers config.json dict for a GPT-2-, LLaMA- or Marian-shaped ModelConfig.
+
+    special_ids: {"pad_token_id": .., "eos_token_id": ..} of an imported checkpoint, to write its
+    vocabulary back in its own order (default: ours, pad 0 and EOS 1).
+    """
+    for arch in TABLES.values():
+        if arch.matches(cfg):
+            ids = special_ids or {}
+            return arch.config_to_hf(cfg, **{k.removesuffix("_token_id") + "_id": v for k, v in ids.items()})
     if _is_gpt2(cfg):
         return {
             "model_type": "gpt2",
@@ -161,7 +175,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     raise UnsupportedCheckpointError(
         "this ModelConfig is neither GPT-2-shaped (pre-LN LayerNorm with biases, learned positions, "
         "GELU, tied, unscaled embeddings) nor LLaMA-shaped (pre-RMSNorm, RoPE, SwiGLU, no biases, "
-        "unscaled embeddings, no sliding window); transformers has no equivalent to export to."
+        "unscaled embeddings, no sliding window) nor Marian-shaped (post-LN encoder-decoder with "
+        "biases, concat sinusoids, logits bias, MHA); transformers has no equivalent to export to."
     )
 
 
@@ -198,6 +213,13 @@ class _Tensors:
         return x
 
 
+def model_class(cfg: ModelConfig):
+    """The model family a config of an imported checkpoint builds."""
+    from flaxformer_lite.models import DecoderOnly, EncoderDecoder
+
+    return EncoderDecoder if cfg.num_encoder_layers and cfg.num_decoder_layers else DecoderOnly
+
+
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter name ("decoder/layer_0/mlp/wo/kernel") -> shape, from the model itself."""
     import jax
@@ -205,9 +227,9 @@ def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from flax import linen as nn
     from flax import traverse_util
 
-    from flaxformer_lite.models import DecoderOnly
-
-    init = lambda: DecoderOnly(cfg).init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))  # noqa: E731
+    ids = jnp.ones((1, 1), jnp.int32)
+    model = model_class(cfg)(cfg)
+    init = lambda: model.init(jax.random.key(0), *[ids] * (2 if cfg.num_encoder_layers else 1))  # noqa: E731
     params = nn.unbox(jax.eval_shape(init)["params"])
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
@@ -231,15 +253,15 @@ def _read_tensors(path: str) -> dict:
 
 
 def from_hf(path: str) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) of a transformers GPT-2 / LLaMA / Mistral checkpoint directory."""
-    from flax import traverse_util
-
+    """(ModelConfig, params) of a transformers GPT-2 / LLaMA / Mistral / Marian checkpoint directory."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}: is it a transformers checkpoint directory?")
     hf = json.load(open(config_path))
     cfg = config_from_hf(hf)
     tensors = _read_tensors(path)
+    if hf["model_type"] in TABLES:
+        return cfg, _from_table(path, hf, cfg, tensors, TABLES[hf["model_type"]])
     gpt2 = hf["model_type"] == "gpt2"
     base = "transformer." if gpt2 else "model."
     prefix = base if any(k.startswith(base) for k in tensors) else ""  # absent in a bare base model
@@ -256,6 +278,12 @@ def from_hf(path: str) -> tuple[ModelConfig, dict]:
             for j, n in enumerate(_QKV):
                 flat[a + f"{n}/kernel"] = w[:, j * D : (j + 1) * D].reshape(shapes[a + f"{n}/kernel"])
                 flat[a + f"{n}/bias"] = b[j * D : (j + 1) * D].reshape(shapes[a + f"{n}/bias"])
+    return cfg, _params(path, hf, flat, shapes, t)
+
+
+def _params(path: str, hf: dict, flat: dict, shapes: dict, t: _Tensors) -> dict:
+    from flax import traverse_util
+
     assert set(flat) == set(shapes), sorted(set(flat) ^ set(shapes))  # the tables cover the model
     if t.missing:
         shown = ", ".join(t.missing[:8]) + (f" and {len(t.missing) - 8} more" if len(t.missing) > 8 else "")
@@ -263,17 +291,56 @@ def from_hf(path: str) -> tuple[ModelConfig, dict]:
             f"{path!r} lacks {len(t.missing)} tensors that a {hf['model_type']} model with its "
             f"config.json needs: {shown}."
         )
-    params = traverse_util.unflatten_dict({k: np.ascontiguousarray(v) for k, v in flat.items()}, sep="/")
-    return cfg, params
+    return traverse_util.unflatten_dict({k: np.ascontiguousarray(v) for k, v in flat.items()}, sep="/")
 
 
-def to_hf(params, cfg: ModelConfig, path: str) -> None:
-    """Write config.json + model.safetensors that transformers' from_pretrained loads."""
+def vocab_orders(hf: dict) -> dict[str, np.ndarray]:
+    """{"source"/"target": order}, order[our id] = the checkpoint's id (see `marian.vocab_order`)."""
+    pad, eos = hf.get("pad_token_id", 0), hf.get("eos_token_id", 1)
+    cfg = config_from_hf(hf)
+    target = marian.vocab_order(cfg.vocab_size, pad, eos)
+    source = target if cfg.source_vocab_size is None else marian.vocab_order(cfg.source_vocab_size, pad, eos)
+    return {"source": source, "target": target}
+
+
+def _from_table(path: str, hf: dict, cfg: ModelConfig, tensors: dict, arch) -> dict:
+    """Params of a checkpoint whose architecture module has one name table for both directions."""
+    for name, alternatives in arch.ALIASES.items():
+        found = [a for a in alternatives if a in tensors]
+        if name not in tensors and found:
+            tensors[name] = tensors[found[0]]
+    shapes, t, flat = _param_shapes(cfg), _Tensors(tensors), {}
+    for hf_name, (name, transpose) in arch.names(cfg).items():
+        matrix = _matrix_shape(name, shapes[name])
+        x = t(hf_name, matrix[::-1] if transpose else matrix)
+        flat[name] = (x.T if transpose else x).reshape(shapes[name])
+    orders = vocab_orders(hf)
+    for name, (axis, which) in arch.VOCAB_AXES.items():
+        if name in flat:
+            flat[name] = np.take(flat[name], orders[which], axis=axis)
+    return _params(path, hf, flat, shapes, t)
+
+
+def to_hf(params, cfg: ModelConfig, path: str, special_ids: dict | None = None) -> None:
+    """Write config.json + model.safetensors that transformers' from_pretrained loads.
+
+    special_ids: see `config_to_hf` (an imported model goes back with its own vocabulary order).
+    """
     from flax import traverse_util
-    from safetensors.numpy import save_file
 
-    hf = config_to_hf(cfg)
+    hf = config_to_hf(cfg, special_ids)
     ours = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    if hf["model_type"] in TABLES:
+        arch, orders = TABLES[hf["model_type"]], vocab_orders(hf)
+        for name, (axis, which) in arch.VOCAB_AXES.items():
+            if name in ours:
+                ours[name] = np.take(ours[name], np.argsort(orders[which]), axis=axis)
+        ours = {k: v.reshape(_matrix_shape(k, v.shape)) for k, v in ours.items()}
+        out = {
+            hf_name: ours[name].T if transpose else ours[name]
+            for hf_name, (name, transpose) in arch.names(cfg).items()
+        }
+        return _save(out, hf, path)
     ours = {k: v.reshape(_matrix_shape(k, v.shape)) for k, v in ours.items()}
     base = "transformer." if hf["model_type"] == "gpt2" else "model."
     out = {
@@ -285,6 +352,12 @@ def to_hf(params, cfg: ModelConfig, path: str) -> None:
             a, h = f"decoder/layer_{i}/self_attention/", f"{base}h.{i}.attn.c_attn."
             out[h + "weight"] = np.concatenate([ours[a + f"{n}/kernel"] for n in _QKV], axis=1)
             out[h + "bias"] = np.concatenate([ours[a + f"{n}/bias"] for n in _QKV])
+    _save(out, hf, path)
+
+
+def _save(out: dict, hf: dict, path: str) -> None:
+    from safetensors.numpy import save_file
+
     os.makedirs(path, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -329,6 +402,8 @@ def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (int(np.prod(shape)),)
     if name.endswith("out/kernel"):
         return (int(np.prod(shape[:-1])), shape[-1])  # [N, H, D] -> [N * H, D]
+    if name.endswith("logits_bias"):
+        return (1, shape[0])  # Marian's final_logits_bias is [1, V]
     return tuple(shape)
 
 

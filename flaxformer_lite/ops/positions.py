@@ -29,18 +29,28 @@ def sinusoidal_embedding(
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], dim)
 
 
+SINUSOID_LAYOUTS = ("interleaved", "concat")
+
+
 @functools.lru_cache(maxsize=16)
-def sinusoidal_table(length: int, dim: int, max_timescale: float = 10_000.0) -> np.ndarray:
+def sinusoidal_table(
+    length: int, dim: int, max_timescale: float = 10_000.0, layout: str = "interleaved"
+) -> np.ndarray:
     """[length, dim] float32 host table of `sinusoidal_embedding` for positions 0..length-1.
 
-    Built once with numpy (read-only, cached) so that a jitted step gathers rows from a constant
-    instead of evaluating sin/cos for every token of every batch.
+    layout "interleaved" is the paper's (sin at even, cos at odd channels); "concat" puts the same
+    sines in the first half and the cosines in the second (Marian, tensor2tensor). Built once with
+    numpy (read-only, cached) so that a jitted step gathers rows from a constant instead of
+    evaluating sin/cos for every token of every batch.
     """
     if dim % 2:
         raise ValueError(f"sinusoidal positions need an even dim, got {dim}.")
+    if layout not in SINUSOID_LAYOUTS:
+        raise ValueError(f"sinusoid layout {layout!r} is not one of {SINUSOID_LAYOUTS}.")
     inv_freq = max_timescale ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
     angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
-    table = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(length, dim).astype(np.float32)
+    axis = -1 if layout == "interleaved" else 1
+    table = np.stack([np.sin(angles), np.cos(angles)], axis=axis).reshape(length, dim).astype(np.float32)
     table.flags.writeable = False
     return table
 
