@@ -1,9 +1,10 @@
 """Evaluate a trained model: python eval.py --config=configs/quickstart.py --workdir=runs/quickstart
 
 Restores the params of the newest (or --checkpoint_step) checkpoint in --workdir (no optimizer
-state) and reports on --split: token-level perplexity for every task; for translation also
-sacreBLEU and chrF of beam-search output (with the sacrebleu signatures). Writes
-<dataset>.<split>.{hyp,src,ref<j>}.txt and <dataset>.<split>.json to --output_dir (default
+state), or with --hf_dir=DIR and no checkpoint in --workdir those of an imported transformers model
+(Marian opus-mt, with its own tokenizer), and reports on --split: token-level perplexity for
+every task; for translation also sacreBLEU and chrF of beam-search output (with the sacrebleu
+signatures). Writes <dataset>.<split>.{hyp,src,ref<j>}.txt and <dataset>.<split>.json to --output_dir (default
 <workdir>/eval/); an own corpus's <dataset> carries its source hash, so no evaluation overwrites another's.
 """
 
@@ -19,16 +20,21 @@ from flaxformer_lite import cli, decoding, evaluation, experiment, tasks
 
 
 def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_examples: int,
-             batch_size: int, step: int | None = None, output_dir: str = "") -> dict:  # fmt: skip
-    """Evaluate the trained workdir on `split`, write the outputs, return the summary."""
-    decoding.check_options(beam_size=beams, alpha=alpha)
+             batch_size: int, step: int | None = None, output_dir: str = "", hf_dir: str = "",
+             length_penalty: str = "gnmt") -> dict:  # fmt: skip
+    """Evaluate the trained workdir (or an imported `hf_dir`) on `split`; write the outputs, return them."""
+    decoding.check_options(beam_size=beams, alpha=alpha, length_penalty=length_penalty)
+    if hf_dir:
+        config = config.copy_and_resolve_references()
+        config.init_from_hf = hf_dir
     exp = experiment.build(config, workdir, tokenizer="load")
     step, params = exp.restore_params(step)
     decode = None
     if exp.task.translates:
         decode = tasks.translate_fn(
-            exp.inference_model, beam_size=beams, alpha=alpha, max_decode_length=config.max_decode_length
-        )
+            exp.inference_model, beam_size=beams, alpha=alpha, max_decode_length=config.max_decode_length,
+            length_penalty=length_penalty,
+        )  # fmt: skip
     max_batches = -(-max_examples // exp.host_batch_size) if max_examples else 0
     result = evaluation.evaluate(
         exp, params, split=split, max_batches=max_batches, bleu_examples=max_examples, decode_fn=decode,
@@ -43,7 +49,9 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
         _write_lines(f"{prefix}.src.txt", result.pop("sources"))
         for j, refs in enumerate(result.pop("references")):
             _write_lines(f"{prefix}.ref{j}.txt", refs)
-        summary.update(beam_size=beams, alpha=alpha)
+        summary.update(beam_size=beams, alpha=alpha, length_penalty=length_penalty)
+    if config.get("init_from_hf"):
+        summary["init_from_hf"] = config.init_from_hf
     summary.update(result, files=prefix + ".*")
     with open(f"{prefix}.json", "w") as f:
         json.dump(summary, f, indent=1)
@@ -80,7 +88,7 @@ def main(argv):
         summary = evaluate(
             f.config, f.workdir, f.split, beams=f.beam_size, alpha=f.alpha, max_examples=f.max_examples,
             batch_size=f.batch_size, step=None if f.checkpoint_step < 0 else f.checkpoint_step,
-            output_dir=f.output_dir,
+            output_dir=f.output_dir, hf_dir=f.hf_dir, length_penalty=f.length_penalty,
         )  # fmt: skip
     except cli.USER_ERRORS as e:
         cli.exit_with_error(e)
@@ -94,7 +102,13 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The training workdir (checkpoints, spm.model).")
     flags.DEFINE_string("split", "test", "Split to evaluate.")
     flags.DEFINE_integer("beam_size", 4, "Beam size for translation (1 = greedy).")
-    flags.DEFINE_float("alpha", 0.6, "GNMT length-penalty exponent.")
+    flags.DEFINE_float("alpha", 0.6, "Length-penalty exponent.")
+    flags.DEFINE_enum(
+        "length_penalty", "gnmt", ["gnmt", "hf"], "gnmt: ((5+n)/6)**alpha; hf: n**alpha (transformers)."
+    )
+    flags.DEFINE_string(
+        "hf_dir", "", "Evaluate this transformers checkpoint dir (e.g. Marian opus-mt) instead."
+    )
     flags.DEFINE_integer("max_examples", 0, "Translate at most this many examples (0 = all).")
     flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0 = the config's batch_size).")
     flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate (-1 = newest).")

@@ -5,6 +5,7 @@
     echo "And God said" | python generate.py --config=configs/gpt2_small.py --workdir=runs/lm \
         --temperature=0.8 --top_p=0.9                  # language model: sampled continuation
     echo "Hello, my dog" | python generate.py --hf_dir=path/to/gpt2   # a HuggingFace checkpoint
+    echo "Hello" | python generate.py --hf_dir=path/to/opus-mt-en-de --length_penalty=hf --alpha=1
 
 One output line per input line, always. Empty lines give empty outputs; lines longer than the
 config's max_length are trimmed; bytes that are not UTF-8 are replaced; all are counted on stderr.
@@ -20,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from flaxformer_lite import cli, decoding, experiment, tasks
+from flaxformer_lite.ids import EOS_ID
 
 
 def define_flags() -> None:
@@ -29,11 +31,16 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
     flags.DEFINE_string("workdir", None, "The training workdir.")
     flags.DEFINE_integer("beam_size", 4, "Translation: beam size (1 = greedy).")
-    flags.DEFINE_float("alpha", 0.6, "Translation: GNMT length-penalty exponent.")
+    flags.DEFINE_float("alpha", 0.6, "Translation: length-penalty exponent.")
+    flags.DEFINE_enum(
+        "length_penalty", "gnmt", ["gnmt", "hf"], "Translation: gnmt ((5+n)/6)**alpha or hf n**alpha."
+    )
     flags.DEFINE_float("temperature", 0.0, "LM: sampling temperature (0 = greedy).")
     flags.DEFINE_integer("top_k", 0, "LM: sample among the k most likely tokens (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "LM: nucleus sampling mass.")
-    flags.DEFINE_integer("max_new_tokens", 64, "LM: tokens to generate per prompt.")
+    flags.DEFINE_integer(
+        "max_new_tokens", 64, "Tokens to generate per prompt (--hf_dir: per translation too)."
+    )
     flags.DEFINE_integer("seed", 0, "LM: sampling seed.")
     flags.DEFINE_string("hf_dir", None, "A transformers checkpoint dir (instead of config+workdir).")
 
@@ -51,7 +58,7 @@ def run(config, workdir: str, lines, out, err, *, seed=0, **options) -> dict:
     if exp.task.translates:
         decode = tasks.translate_fn(
             exp.inference_model, beam_size=options.get("beam_size", 4), alpha=options.get("alpha", 0.6),
-            max_decode_length=config.max_decode_length,
+            max_decode_length=config.max_decode_length, length_penalty=options.get("length_penalty", "gnmt"),
         )  # fmt: skip
 
         def one(i, text):
@@ -92,17 +99,31 @@ def run(config, workdir: str, lines, out, err, *, seed=0, **options) -> dict:
     return counts
 
 
-def run_hf(hf_dir: str, lines, out, *, max_new_tokens=64, seed=0, **sample_kwargs) -> dict:
-    """LM continuations of `lines` from a transformers checkpoint dir (with its tokenizer)."""
+def run_hf(
+    hf_dir: str,
+    lines,
+    out,
+    *,
+    max_new_tokens=64,
+    seed=0,
+    beam_size=4,
+    alpha=0.6,
+    length_penalty="gnmt",
+    **sample_kwargs,
+) -> dict:
+    """Translations (Marian) or LM continuations of `lines` from a transformers checkpoint dir."""
     import json
     import os
 
     from flaxformer_lite import interop
-    from flaxformer_lite.models import DecoderOnly
+    from flaxformer_lite.models import DecoderOnly, EncoderDecoder
 
-    decoding.check_options(max_new_tokens=max_new_tokens, **sample_kwargs)
+    options = dict(beam_size=beam_size, alpha=alpha, length_penalty=length_penalty)
+    decoding.check_options(max_new_tokens=max_new_tokens, **options, **sample_kwargs)
     cfg, params = interop.from_hf(hf_dir)
     tok = interop.load_tokenizer(hf_dir)
+    if interop.model_class(cfg) is EncoderDecoder:
+        return _translate_hf(EncoderDecoder(cfg), params, tok, lines, out, max_new_tokens, **options)
     eos = json.load(open(os.path.join(hf_dir, "config.json"))).get("eos_token_id")
     eos = eos if isinstance(eos, int) else -1  # -1: generate max_new_tokens, never stop early
     model = DecoderOnly(cfg)
@@ -128,6 +149,33 @@ def run_hf(hf_dir: str, lines, out, *, max_new_tokens=64, seed=0, **sample_kwarg
     return counts
 
 
+def _translate_hf(model, params, tok, lines, out, max_new_tokens, *, beam_size, alpha, length_penalty):
+    decode = tasks.translate_fn(
+        model,
+        beam_size=beam_size,
+        alpha=alpha,
+        max_decode_length=max_new_tokens,
+        length_penalty=length_penalty,
+    )
+    max_len = model.config.max_len
+    counts = {"lines": 0, "empty": 0, "trimmed": 0, "replaced_bytes": 0}
+    for text in cli.text_lines(lines, counts):
+        counts["lines"] += 1
+        ids = tok.encode(text)
+        if not ids:
+            counts["empty"] += 1
+            out.write("\n")
+            continue
+        if len(ids) >= max_len:
+            counts["trimmed"] += 1
+            ids = ids[: max_len - 1]
+        row = np.zeros((1, max_len), np.int32)
+        row[0, : len(ids) + 1] = ids + [EOS_ID]
+        out.write(tok.decode(decoding.strip_after_eos(decode(params, row))[0]).replace("\n", " ") + "\n")
+        out.flush()
+    return counts
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -137,8 +185,9 @@ def main(argv):
     try:
         if f.hf_dir:
             run_hf(
-                f.hf_dir, sys.stdin.buffer, sys.stdout, max_new_tokens=f.max_new_tokens, seed=f.seed, **sample
-            )
+                f.hf_dir, sys.stdin.buffer, sys.stdout, max_new_tokens=f.max_new_tokens, seed=f.seed,
+                beam_size=f.beam_size, alpha=f.alpha, length_penalty=f.length_penalty, **sample,
+            )  # fmt: skip
             return
         if f.config is None or not f.workdir:
             raise ValueError(
@@ -146,7 +195,7 @@ def main(argv):
             )
         run(
             f.config, f.workdir, sys.stdin.buffer, sys.stdout, sys.stderr, seed=f.seed, beam_size=f.beam_size,
-            alpha=f.alpha, max_new_tokens=f.max_new_tokens, **sample,
+            alpha=f.alpha, max_new_tokens=f.max_new_tokens, length_penalty=f.length_penalty, **sample,
         )  # fmt: skip
     except cli.USER_ERRORS as e:
         cli.exit_with_error(e)

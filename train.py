@@ -68,6 +68,9 @@ def train(exp, stop: runtime.StopRequests):
     if restored is not None:
         start, state = restored
         logging.info("resumed from the checkpoint at step %d", start)
+    elif exp.config.init_from_hf:  # fine-tuning: the imported weights replace the random init
+        state = state.replace(params=exp.imported_params(shardings.params))
+        logging.info("initialised from the transformers checkpoint %s", exp.config.init_from_hf)
     train_step = exp.train_step(shardings)
     dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
     logger = reporting.Logger(workdir, resume_step=start)

@@ -52,6 +52,9 @@ def get_config():
     c.model.preset = "transformer_base"
     c.model.overrides = model_overrides()  # e.g. --config.model.overrides.d_model=256
     c.model.overrides.dtype = "bfloat16"
+    # A transformers checkpoint dir (e.g. an opus-mt Marian model): its architecture, tokenizer and
+    # weights replace the preset, the SentencePiece training and the random init (fine-tuning).
+    c.init_from_hf = ""
     # ---- optimisation
     c.num_train_steps = 100_000
     c.schedule = "noam"  # noam (inverse sqrt, scaled by learning_rate) | cosine | constant

@@ -119,9 +119,15 @@ def strip_after_eos(ids) -> list[list[int]]:
     return out
 
 
-def check_options(*, beam_size=4, alpha=0.6, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=64):
+def check_options(
+    *, beam_size=4, alpha=0.6, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=64, length_penalty="gnmt"
+):
     """Raise a ValueError naming the first bad decoding option (as its command-line flag)."""
     for ok, what in (
+        (
+            length_penalty in LENGTH_PENALTIES,
+            f"--length_penalty={length_penalty} must be one of {LENGTH_PENALTIES}",
+        ),
         (beam_size >= 1, f"--beam_size={beam_size} must be at least 1 (1 = greedy)"),
         (alpha >= 0, f"--alpha={alpha} must be >= 0"),
         (temperature >= 0, f"--temperature={temperature} must be >= 0 (0 = greedy)"),

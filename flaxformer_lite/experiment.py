@@ -61,8 +61,18 @@ def validate(config) -> None:
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
-    """The preset with overrides; vocab from the tokenizer, max_len long enough for the data."""
+    """The preset with overrides; vocab from the tokenizer, max_len long enough for the data.
+
+    With `init_from_hf` the architecture is the imported checkpoint's, and only the overrides of
+    how it runs (dtype, dropout, remat, ...: NOT_ARCHITECTURE) apply.
+    """
     overrides = {k: v for k, v in config.model.overrides.items() if v is not None}  # None = preset's value
+    if config.get("init_from_hf"):
+        from flaxformer_lite import interop
+
+        cfg = interop.config_from_dir(config.init_from_hf)
+        runtime_fields = {k: v for k, v in overrides.items() if k in NOT_ARCHITECTURE and k != "max_len"}
+        return cfg.replace(**runtime_fields, **({} if config.pack else {"max_segments": 1}))
     overrides.pop("vocab_size", None)  # always the tokenizer's
     if not config.pack:
         overrides.setdefault("max_segments", 1)  # padded rows: one sequence each
@@ -223,9 +233,24 @@ class Experiment:
         options = dict(save_every=c.checkpoint_every, keep=c.keep_checkpoints, async_save=c.async_checkpoints)
         return checkpoint.Checkpointer(self.checkpoint_dir, **{**options, **kwargs})
 
+    def imported_params(self, shardings):
+        """The params of the `init_from_hf` checkpoint, placed as `shardings` (a matching tree)."""
+        from flaxformer_lite import interop
+
+        _, params = interop.from_hf(self.config.init_from_hf)
+        dtype = self.model.config.param_dtype
+        return jax.tree.map(lambda s, x: jax.device_put(np.asarray(x, dtype), s), shardings, params)
+
     def restore_params(self, step: int | None = None):
-        """(step, params) of the newest (or given) readable checkpoint; never reads optimizer state."""
+        """(step, params) of the newest (or given) readable checkpoint; never reads optimizer state.
+
+        With `init_from_hf` and no checkpoint in the workdir: (0, the imported params).
+        """
         ckpt_dir = self.checkpoint_dir
+        has_checkpoints = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+        if self.config.get("init_from_hf") and step is None and not has_checkpoints:
+            abstract = training.abstract_params(self.model, self.task, self.batch_shape, self.mesh)
+            return 0, self.imported_params(jax.tree.map(lambda a: a.sharding, abstract))
         if not os.path.isdir(ckpt_dir):  # checked first: opening a Checkpointer creates the directory
             raise FileNotFoundError(
                 f"no checkpoints in {ckpt_dir!r}; train first: python train.py --config=... "
@@ -278,11 +303,25 @@ def build(
     data, sp = None, None
     if tokenizer == "none":
         vocab = vocab_size
+    elif config.get("init_from_hf"):  # the imported checkpoint's own tokenizer and vocabulary
+        from flaxformer_lite import interop
+
+        data = Data.from_config(config, workdir, task)
+        sp, vocab = interop.load_tokenizer(config.init_from_hf), None
     else:
         data = Data.from_config(config, workdir, task)
         sp = _tokenizer(config, workdir, data, train=tokenizer == "train")
         vocab = sp.get_piece_size()
     model = task.model_class(model_config(config, vocab))
+    if config.get("init_from_hf"):
+        from flaxformer_lite import interop
+
+        imported = interop.model_class(model.config)
+        if imported is not task.model_class:
+            raise ValueError(
+                f"bad config: init_from_hf={config.init_from_hf!r} holds a {imported.__name__} model, but "
+                f"task={task.name!r} trains a {task.model_class.__name__}; set --config.task to match."
+            )
     tx, schedule = make_optimizer(config, model.config.d_model)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     split = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -49,7 +49,8 @@ class Tokenize:
         self.stats.examples += 1
         out = {}
         for name, feature in self.keys.items():
-            ids = self.sp.encode(_text(example[feature]))
+            # A tokenizer with a separate target side (Marian's target.spm) has encode_targets.
+            ids = getattr(self.sp, f"encode_{name}", self.sp.encode)(_text(example[feature]))
             self.stats.byte_fallback_tokens += int(self._byte_ids[ids].sum()) if ids else 0
             if len(ids) >= self.max_length:
                 self.stats.trimmed += 1

@@ -108,10 +108,13 @@ def get(name: str) -> Task:
 # ------------------------------------------------------------------------------ decoding
 
 
-def translate_fn(model, *, beam_size: int, alpha: float, max_decode_length: int) -> Callable:
+def translate_fn(
+    model, *, beam_size: int, alpha: float, max_decode_length: int, length_penalty: str = "gnmt"
+) -> Callable:
     """Jitted (params, [B, S] source ids) -> [B, max_decode_length] ids: beam search (1 = greedy).
 
     Each output may be up to 1.5x its source + 10 tokens long (and at most max_decode_length).
+    length_penalty: "gnmt" or "hf" (transformers' generate; see `decoding.beam_search`).
     """
 
     def decode(params, inputs):
@@ -120,8 +123,9 @@ def translate_fn(model, *, beam_size: int, alpha: float, max_decode_length: int)
         src_len = jnp.sum(inputs != 0, axis=1)
         limit = jnp.minimum((src_len * 3) // 2 + 10, max_decode_length)
         return decoding.translate_beam(
-            model, params, inputs, max_decode_length, beams=beam_size, alpha=alpha, max_lengths=limit
-        )
+            model, params, inputs, max_decode_length, beams=beam_size, alpha=alpha, max_lengths=limit,
+            penalty=length_penalty,
+        )  # fmt: skip
 
     return jax.jit(decode)
 

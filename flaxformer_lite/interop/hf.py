@@ -252,12 +252,21 @@ def _read_tensors(path: str) -> dict:
     return tensors
 
 
-def from_hf(path: str) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) of a transformers GPT-2 / LLaMA / Mistral / Marian checkpoint directory."""
+def _read_config(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}: is it a transformers checkpoint directory?")
-    hf = json.load(open(config_path))
+    return json.load(open(config_path))
+
+
+def config_from_dir(path: str) -> ModelConfig:
+    """The ModelConfig of a transformers checkpoint directory (its config.json only)."""
+    return config_from_hf(_read_config(path))
+
+
+def from_hf(path: str) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of a transformers GPT-2 / LLaMA / Mistral / Marian checkpoint directory."""
+    hf = _read_config(path)
     cfg = config_from_hf(hf)
     tensors = _read_tensors(path)
     if hf["model_type"] in TABLES:
@@ -425,10 +434,19 @@ def _llama_names(c: ModelConfig) -> dict[str, tuple[str, bool]]:
 
 
 def load_tokenizer(path: str):
-    """The checkpoint's tokenizer: tokenizer.json (`tokenizers`) or tokenizer.model (SentencePiece).
+    """The checkpoint's tokenizer: Marian's source.spm/target.spm + vocab.json, tokenizer.json
+    (`tokenizers`) or tokenizer.model (SentencePiece).
 
-    Returns an object with encode(str) -> list[int] and decode(list[int]) -> str.
+    Returns an object with encode(str) -> list[int] and decode(list[int]) -> str, in our ids.
     """
+    if os.path.isfile(os.path.join(path, "source.spm")):
+        missing = [f for f in ("target.spm", "vocab.json") if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise FileNotFoundError(
+                f"{path!r} has source.spm but lacks {', '.join(missing)} (a Marian tokenizer)."
+            )
+        hf = _read_config(path)
+        return marian.Tokenizer(path, hf, vocab_orders(hf))
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         from tokenizers import Tokenizer
 
@@ -437,7 +455,10 @@ def load_tokenizer(path: str):
         import sentencepiece as spm
 
         return spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
-    raise FileNotFoundError(f"{path!r} has neither tokenizer.json nor tokenizer.model.")
+    raise FileNotFoundError(
+        f"{path!r} has no tokenizer: neither source.spm/target.spm/vocab.json (Marian), tokenizer.json "
+        "nor tokenizer.model."
+    )
 
 
 class _HfTokenizer:

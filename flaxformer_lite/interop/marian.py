@@ -156,3 +156,57 @@ def vocab_order(size: int, pad_id: int, eos_id: int) -> np.ndarray:
     assert (PAD_ID, EOS_ID) == (0, 1)
     rest = [i for i in range(size) if i not in (pad_id, eos_id)]
     return np.asarray([pad_id, eos_id, *rest], np.int64)
+
+
+class Tokenizer:
+    """A Marian directory's tokenizer: source.spm / target.spm pieces -> ids through vocab.json
+    (target_vocab.json for a separate target vocabulary), then into our vocabulary order.
+
+    encode (sources) / encode_targets / decode (targets) follow transformers' MarianTokenizer,
+    without its optional Moses punctuation normalizer and language-code handling.
+    """
+
+    def __init__(self, path: str, hf: dict, orders: dict[str, np.ndarray]):
+        import json
+        import os
+
+        import sentencepiece as spm
+
+        def vocab(name):
+            return json.load(open(os.path.join(path, name), encoding="utf-8"))
+
+        self.spm = {side: spm.SentencePieceProcessor(model_file=os.path.join(path, f"{side}.spm"))
+                    for side in ("source", "target")}  # fmt: skip
+        source_vocab = vocab("vocab.json")
+        separate = os.path.isfile(os.path.join(path, "target_vocab.json"))
+        target_vocab = vocab("target_vocab.json") if separate else source_vocab
+        self.vocab = {"source": source_vocab, "target": target_vocab}
+        self.to_ours = {side: np.argsort(orders[side]) for side in ("source", "target")}
+        self.pieces = {v: k for k, v in target_vocab.items()}  # target HF id -> piece
+        self.order = orders["target"]
+        self.special = {hf.get("pad_token_id"), hf.get("eos_token_id"), target_vocab.get("<unk>")}
+        # As transformers does: a shared vocabulary decodes with the *source* model's pieces.
+        self.decoder_spm = self.spm["target" if separate else "source"]
+        self.size = max(len(o) for o in orders.values())
+
+    def _encode(self, text: str, side: str) -> list[int]:
+        vocab, unk = self.vocab[side], self.vocab[side]["<unk>"]
+        hf_ids = [vocab.get(p, unk) for p in self.spm[side].encode(text, out_type=str)]
+        return [int(i) for i in self.to_ours[side][hf_ids]] if hf_ids else []
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text, "source")
+
+    def encode_targets(self, text: str) -> list[int]:
+        return self._encode(text, "target")
+
+    def decode(self, ids) -> str:
+        hf_ids = [int(self.order[i]) for i in ids]
+        pieces = [self.pieces[i] for i in hf_ids if i not in self.special and i in self.pieces]
+        return self.decoder_spm.decode_pieces(pieces).replace("\u2581", " ").strip()
+
+    def get_piece_size(self) -> int:
+        return self.size
+
+    def is_byte(self, i: int) -> bool:
+        return False  # pieces come from vocab.json; unknown ones become <unk>
