@@ -50,7 +50,11 @@ class ModelConfig:
     tie_embeddings: bool = True  # output logits through the transposed token embedding
     scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model), as the paper
     source_vocab_size: int | None = None  # EncoderDecoder: None = one embedding shared with the target
-    logits_bias: bool = False  # a learned bias on the output logits (Marian's final_logits_bias)
+    logits_bias: bool = (
+        False  # a learned bias on the output logits (Marian's final_logits_bias, BERT's MLM bias)
+    )
+    type_vocab_size: int = 0  # > 0: learned token-type (segment A/B) embeddings in the encoder (BERT)
+    embedding_norm: bool = False  # a norm on the summed embeddings, before dropout (BERT)
     init_std: float | None = None  # None: Xavier-uniform dense, d_model**-0.5 embeddings; else N(0, std)
     dropout_rate: float = 0.1  # residual and embedding dropout
     attention_dropout_rate: float = 0.0  # > 0 forces the einsum attention path (no fused kernel)
@@ -116,6 +120,7 @@ class ModelConfig:
             self.attention_impl,
             f"use one of {ATTENTION_IMPLS}",
         )
+        _check(self.type_vocab_size >= 0, "type_vocab_size", self.type_vocab_size, "use 0 (none) or more")
         for name in ("dropout_rate", "attention_dropout_rate"):
             rate = getattr(self, name)
             _check(0.0 <= rate < 1.0, name, rate, "use a rate in [0, 1)")

@@ -36,19 +36,25 @@ def _default_positions(tokens: Array, positions: Array | None) -> Array:
 
 
 class _Positions(nn.Module):
-    """Adds absolute positions (learned or sinusoidal) to embeddings; others act in attention."""
+    """Adds absolute positions (learned or sinusoidal; others act in attention) and token types to
+    the embeddings, then the optional embedding norm and dropout."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array) -> Array:
+    def __call__(self, x: Array, positions: Array, token_types: Array | None = None) -> Array:
         cfg = self.config
+        if cfg.type_vocab_size:
+            types = jnp.zeros_like(positions) if token_types is None else token_types
+            x = x + Embed(cfg.type_vocab_size, cfg, axes=(None, EMBED), name="token_types")(types)
         if cfg.position == "learned":
             x = x + Embed(cfg.max_len, cfg, axes=(LENGTH, EMBED), name="table")(positions)
         elif cfg.position == "sinusoidal":
             # A host constant, gathered per token.
             table = ops.sinusoidal_table(cfg.max_len, cfg.d_model, layout=cfg.sinusoid_layout)
             x = x + jnp.take(jnp.asarray(table, x.dtype), positions, axis=0)
+        if cfg.embedding_norm:
+            x = Norm(cfg, name="embedding_norm")(x)
         return nn.Dropout(cfg.dropout_rate, deterministic=cfg.deterministic)(x)
 
 
@@ -59,11 +65,17 @@ class Encoder(nn.Module):
     embed: Embed
 
     @nn.compact
-    def __call__(self, tokens: Array, segment_ids: Array, positions: Array | None = None) -> Array:
-        """[B, S] ids and segment ids -> [B, S, d_model]."""
+    def __call__(
+        self,
+        tokens: Array,
+        segment_ids: Array,
+        positions: Array | None = None,
+        token_types: Array | None = None,
+    ) -> Array:
+        """[B, S] ids and segment ids (and token types, with config.type_vocab_size) -> [B, S, d_model]."""
         cfg = self.config
         positions = _default_positions(tokens, positions)
-        x = _Positions(cfg, name="positions")(self.embed(tokens), positions)
+        x = _Positions(cfg, name="positions")(self.embed(tokens), positions, token_types)
         x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, segment_ids, positions)
         return Norm(cfg, name="final_norm")(x) if cfg.pre_norm else x
 
@@ -108,16 +120,22 @@ class Decoder(nn.Module):
         )
         if cfg.pre_norm:
             x = Norm(cfg, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = self.embed.attend(x)
-        else:
-            head_cfg = cfg.replace(use_bias=False) if cfg.logits_bias else cfg  # one bias, not two
-            logits = dense(head_cfg, cfg.vocab_size, (EMBED, VOCAB), "logits")(x)
-        if cfg.logits_bias:
-            zeros = nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,))
-            bias = self.param("logits_bias", zeros, (cfg.vocab_size,), cfg.param_dtype)
-            logits = logits + bias.astype(cfg.dtype)[None, None, :]
-        return logits
+        return _vocab_logits(self, cfg, self.embed, x, "logits")
+
+
+def _vocab_logits(module: nn.Module, cfg: ModelConfig, embed: Embed, x: Array, name: str) -> Array:
+    """[B, T, d_model] -> [B, T, vocab]: the tied embedding or a dense `name`, plus `logits_bias`
+    (then the only bias: Marian's final_logits_bias, BERT's MLM output bias)."""
+    if cfg.tie_embeddings:
+        logits = embed.attend(x)
+    else:
+        head_cfg = cfg.replace(use_bias=False) if cfg.logits_bias else cfg
+        logits = dense(head_cfg, cfg.vocab_size, (EMBED, VOCAB), name)(x)
+    if cfg.logits_bias:
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,))
+        bias = module.param("logits_bias", zeros, (cfg.vocab_size,), cfg.param_dtype)
+        logits = logits + bias.astype(cfg.dtype)[None, None, :]
+    return logits
 
 
 def _token_embed(cfg: ModelConfig) -> Embed:
@@ -212,18 +230,25 @@ class EncoderOnly(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: Array, *, segment_ids: Array | None = None, positions: Array | None = None
+        self,
+        tokens: Array,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        token_types: Array | None = None,
     ) -> tuple[Array, Array]:
-        """[B, S] ids -> ([B, S, vocab] MLM logits, [B, num_classes] classification logits)."""
+        """[B, S] ids -> ([B, S, vocab] MLM logits, [B, num_classes] classification logits).
+
+        The MLM head is BERT's: dense, the config's activation (GELU for a gated one), norm, then
+        the vocabulary (tied or not) plus, with `logits_bias`, a bias.
+        """
         cfg = self.config
         embed = _token_embed(cfg)
-        x = Encoder(cfg, embed, name="encoder")(tokens, _source_segments(tokens, segment_ids), positions)
-        h = Norm(cfg, name="mlm_norm")(jax.nn.gelu(dense(cfg, cfg.d_model, (EMBED, MLP), "mlm_dense")(x)))
-        mlm_logits = (
-            embed.attend(h)
-            if cfg.tie_embeddings
-            else dense(cfg, cfg.vocab_size, (EMBED, VOCAB), "mlm_logits")(h)
-        )
+        segments = _source_segments(tokens, segment_ids)
+        x = Encoder(cfg, embed, name="encoder")(tokens, segments, positions, token_types)
+        act = ops.ACTIVATIONS["gelu" if cfg.gated else cfg.activation]
+        h = Norm(cfg, name="mlm_norm")(act(dense(cfg, cfg.d_model, (EMBED, MLP), "mlm_dense")(x)))
+        mlm_logits = _vocab_logits(self, cfg, embed, h, "mlm_logits")
         pooled = jnp.tanh(dense(cfg, cfg.d_model, (EMBED, MLP), "pooler")(x[:, 0]))
         class_logits = dense(cfg, cfg.num_classes, (MLP, CLASSES), "classifier")(pooled)
         return mlm_logits, class_logits

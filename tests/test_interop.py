@@ -89,8 +89,12 @@ def test_export_loads_in_transformers_with_the_same_logits(name, tmp_path):
 
 
 def test_unsupported_architecture_names_what_is_supported(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    with pytest.raises(interop.UnsupportedCheckpointError, match=r"'bert' .*supported: gpt2, llama, mistral"):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "xlnet", "architectures": ["XLNetModel"]})
+    )
+    with pytest.raises(
+        interop.UnsupportedCheckpointError, match=r"'xlnet' .*supported: gpt2, llama, mistral, marian, bert"
+    ):
         interop.from_hf(str(tmp_path))
     cfg = json.loads(
         json.dumps({"model_type": "llama", "hidden_act": "gelu", "rope_scaling": {"type": "yarn"}})
@@ -119,7 +123,8 @@ def test_export_refuses_a_model_transformers_cannot_express(tmp_path):
     import flaxformer_lite as fl
 
     with pytest.raises(
-        interop.UnsupportedCheckpointError, match=r"neither GPT-2-shaped \(.*\) nor LLaMA-shaped"
+        interop.UnsupportedCheckpointError,
+        match=r"neither GPT-2-shaped \(.*\) nor LLaMA-shaped.*nor Marian-shaped",
     ):
         interop.to_hf({}, fl.transformer_base(num_encoder_layers=0), str(tmp_path))
 

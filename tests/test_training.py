@@ -86,7 +86,7 @@ def _single_device_mesh():
 
 @pytest.mark.parametrize("task", ["translation", "lm", "mlm"])
 def test_tiny_run_loss_falls(task):
-    _, losses = _run(task, _single_device_mesh(), 50 if task == "mlm" else 25)
+    _, losses = _run(task, _single_device_mesh(), 70 if task == "mlm" else 25)
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
 

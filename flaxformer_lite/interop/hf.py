@@ -17,11 +17,12 @@ import os
 import numpy as np
 
 from flaxformer_lite.config import ModelConfig
-from flaxformer_lite.interop import marian
+from flaxformer_lite.interop import bert, marian
 
-SUPPORTED = ("gpt2", "llama", "mistral", "marian")
-# Architectures described by a module: config_from_hf/config_to_hf/matches/names/VOCAB_AXES/ALIASES.
-TABLES = {"marian": marian}
+SUPPORTED = ("gpt2", "llama", "mistral", "marian", "bert")
+# Architectures described by a module: config_from_hf/config_to_hf/matches/names/VOCAB_AXES/ALIASES
+# (and optionally OPTIONAL: read when present, else zero; ZERO: ours only, zero).
+TABLES = {"marian": marian, "bert": bert}
 _GPT2_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
@@ -176,7 +177,8 @@ def config_to_hf(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
         "this ModelConfig is neither GPT-2-shaped (pre-LN LayerNorm with biases, learned positions, "
         "GELU, tied, unscaled embeddings) nor LLaMA-shaped (pre-RMSNorm, RoPE, SwiGLU, no biases, "
         "unscaled embeddings, no sliding window) nor Marian-shaped (post-LN encoder-decoder with "
-        "biases, concat sinusoids, logits bias, MHA); transformers has no equivalent to export to."
+        "biases, concat sinusoids, logits bias, MHA) nor BERT-shaped (post-LN encoder, learned positions, "
+        "token types, embedding norm, MLM logits bias); transformers has no equivalent to export to."
     )
 
 
@@ -215,9 +217,11 @@ class _Tensors:
 
 def model_class(cfg: ModelConfig):
     """The model family a config of an imported checkpoint builds."""
-    from flaxformer_lite.models import DecoderOnly, EncoderDecoder
+    from flaxformer_lite.models import DecoderOnly, EncoderDecoder, EncoderOnly
 
-    return EncoderDecoder if cfg.num_encoder_layers and cfg.num_decoder_layers else DecoderOnly
+    if cfg.num_encoder_layers and cfg.num_decoder_layers:
+        return EncoderDecoder
+    return DecoderOnly if cfg.num_decoder_layers else EncoderOnly
 
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -227,9 +231,11 @@ def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from flax import linen as nn
     from flax import traverse_util
 
+    from flaxformer_lite.models import EncoderDecoder
+
     ids = jnp.ones((1, 1), jnp.int32)
-    model = model_class(cfg)(cfg)
-    init = lambda: model.init(jax.random.key(0), *[ids] * (2 if cfg.num_encoder_layers else 1))  # noqa: E731
+    cls = model_class(cfg)
+    init = lambda: cls(cfg).init(jax.random.key(0), *[ids] * (2 if cls is EncoderDecoder else 1))  # noqa: E731
     params = nn.unbox(jax.eval_shape(init)["params"])
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
@@ -304,9 +310,15 @@ def _params(path: str, hf: dict, flat: dict, shapes: dict, t: _Tensors) -> dict:
 
 
 def vocab_orders(hf: dict) -> dict[str, np.ndarray]:
-    """{"source"/"target": order}, order[our id] = the checkpoint's id (see `marian.vocab_order`)."""
-    pad, eos = hf.get("pad_token_id", 0), hf.get("eos_token_id", 1)
+    """{"source"/"target": order}, order[our id] = the checkpoint's id (see `marian.vocab_order`).
+
+    Only Marian's vocabulary moves; others (pad 0 already) keep their ids.
+    """
     cfg = config_from_hf(hf)
+    if hf["model_type"] != "marian":
+        identity = np.arange(cfg.vocab_size)
+        return {"source": identity, "target": identity}
+    pad, eos = hf.get("pad_token_id", 0), hf.get("eos_token_id", 1)
     target = marian.vocab_order(cfg.vocab_size, pad, eos)
     source = target if cfg.source_vocab_size is None else marian.vocab_order(cfg.source_vocab_size, pad, eos)
     return {"source": source, "target": target}
@@ -319,10 +331,13 @@ def _from_table(path: str, hf: dict, cfg: ModelConfig, tensors: dict, arch) -> d
         if name not in tensors and found:
             tensors[name] = tensors[found[0]]
     shapes, t, flat = _param_shapes(cfg), _Tensors(tensors), {}
-    for hf_name, (name, transpose) in arch.names(cfg).items():
+    optional = {k: v for k, v in getattr(arch, "OPTIONAL", {}).items() if k in tensors}
+    for hf_name, (name, transpose) in {**arch.names(cfg), **optional}.items():
         matrix = _matrix_shape(name, shapes[name])
         x = t(hf_name, matrix[::-1] if transpose else matrix)
         flat[name] = (x.T if transpose else x).reshape(shapes[name])
+    for name in [*getattr(arch, "ZERO", ()), *(n for n, _ in getattr(arch, "OPTIONAL", {}).values())]:
+        flat.setdefault(name, np.zeros(shapes[name], np.float32))
     orders = vocab_orders(hf)
     for name, (axis, which) in arch.VOCAB_AXES.items():
         if name in flat:
@@ -349,6 +364,7 @@ def to_hf(params, cfg: ModelConfig, path: str, special_ids: dict | None = None) 
             hf_name: ours[name].T if transpose else ours[name]
             for hf_name, (name, transpose) in arch.names(cfg).items()
         }
+        out.update({copy: out[source] for copy, source in getattr(arch, "EXPORT_COPIES", {}).items()})
         return _save(out, hf, path)
     ours = {k: v.reshape(_matrix_shape(k, v.shape)) for k, v in ours.items()}
     base = "transformer." if hf["model_type"] == "gpt2" else "model."
@@ -411,7 +427,7 @@ def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (int(np.prod(shape)),)
     if name.endswith("out/kernel"):
         return (int(np.prod(shape[:-1])), shape[-1])  # [N, H, D] -> [N * H, D]
-    if name.endswith("logits_bias"):
+    if name == "decoder/logits_bias":
         return (1, shape[0])  # Marian's final_logits_bias is [1, V]
     return tuple(shape)
 
