@@ -45,6 +45,8 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     relative_buckets: int = 32  # T5 relative-position buckets (position="relative")
     relative_max_distance: int = 128
+    shared_relative_bias: bool = False  # True: one relative-bias table per stack, shared by its layers (T5)
+    scale_attention: bool = True  # False: no 1/sqrt(head_dim) on attention logits (T5 folds it into init)
     local_window: int | None = None  # sliding-window self-attention span, None = global
     use_bias: bool = True  # biases in the dense layers and LayerNorm
     tie_embeddings: bool = True  # output logits through the transposed token embedding
@@ -55,6 +57,7 @@ class ModelConfig:
     )
     type_vocab_size: int = 0  # > 0: learned token-type (segment A/B) embeddings in the encoder (BERT)
     embedding_norm: bool = False  # a norm on the summed embeddings, before dropout (BERT)
+    rescale_tied_logits: bool = False  # tied logits from x * d_model**-0.5 (T5 v1.0)
     init_std: float | None = None  # None: Xavier-uniform dense, d_model**-0.5 embeddings; else N(0, std)
     dropout_rate: float = 0.1  # residual and embedding dropout
     attention_dropout_rate: float = 0.0  # > 0 forces the einsum attention path (no fused kernel)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from flaxformer_lite import ops
@@ -157,11 +158,17 @@ class MultiHeadAttention(nn.Module):
         segment_ids: Array | None = None,
         context_segment_ids: Array | None = None,
         positions: Array | None = None,
+        relative_table: Array | None = None,
     ) -> Array:
-        """x [B, T, d_model] (context [B, S, d_model] if cross) -> [B, T, d_model]."""
+        """x [B, T, d_model] (context [B, S, d_model] if cross) -> [B, T, d_model].
+
+        relative_table: the stack's shared [buckets, N] relative-bias table (shared_relative_bias).
+        """
         cfg = self.config
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = dense(cfg, (N, H), (EMBED, HEADS, KV), "query")(x)  # [B, T, N, H]
+        if not cfg.scale_attention:  # every kernel divides by sqrt(H): undo it on q (T5)
+            q = q * jnp.asarray(np.sqrt(H), q.dtype)
         # A key bias adds q.b to every logit of a query alike, which softmax ignores, so its gradient
         # is exactly 0 (unless RoPE rotates it per position); it exists only for checkpoints (GPT-2).
         constant = cfg.position != "rope"
@@ -185,7 +192,8 @@ class MultiHeadAttention(nn.Module):
             caching = cfg.decode and self.causal  # encoders run whole even when decoding
             if caching and self.has_variable("cache", "cached_key"):
                 q, k, v, mask, q_pos, kv_pos = self._decode_step(q, k, v, segment_ids)
-                out = ops.cached_attention(q, k, v, mask=mask, bias=self._position_bias(q_pos, kv_pos))
+                bias = self._position_bias(q_pos, kv_pos, relative_table)
+                out = ops.cached_attention(q, k, v, mask=mask, bias=bias)
                 return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
             if caching:  # creating the cache: shapes only, output is not used
                 self._decode_step(q, k, v, segment_ids)
@@ -195,7 +203,7 @@ class MultiHeadAttention(nn.Module):
             if cfg.position == "rope":
                 q = ops.apply_rope(q, q_pos, cfg.rope_theta)
                 k = ops.apply_rope(k, kv_pos, cfg.rope_theta)
-            bias = self._position_bias(q_pos, kv_pos)
+            bias = self._position_bias(q_pos, kv_pos, relative_table)
         dropout_rng = None
         if cfg.attention_dropout_rate > 0.0 and not cfg.deterministic:
             dropout_rng = self.make_rng("dropout")
@@ -277,15 +285,15 @@ class MultiHeadAttention(nn.Module):
         )
         return q, ck.value, cv.value, mask, q_pos, kv_pos
 
-    def _position_bias(self, q_pos, kv_pos):
-        """[B, N, T, S] bias for relative (T5 buckets, per-layer table) or ALiBi positions."""
+    def _position_bias(self, q_pos, kv_pos, table=None):
+        """[B, N, T, S] relative (T5 buckets; the stack's table or this layer's) or ALiBi bias."""
         cfg = self.config
         if cfg.position == "alibi":
             return ops.alibi_bias(q_pos, kv_pos, cfg.num_heads)
         if cfg.position != "relative":
             return None
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (BUCKETS, HEADS))
-        table = self.param("relative_bias", init, (cfg.relative_buckets, cfg.num_heads), cfg.param_dtype)
+        if table is None:
+            table = relative_table(self, cfg)
         return ops.relative_position_bias(
             q_pos,
             kv_pos,
@@ -293,6 +301,12 @@ class MultiHeadAttention(nn.Module):
             bidirectional=not self.causal,
             max_distance=cfg.relative_max_distance,
         )
+
+
+def relative_table(module: nn.Module, cfg: ModelConfig) -> Array:
+    """A [relative_buckets, num_heads] relative-position bias table, a param of `module`."""
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (BUCKETS, HEADS))
+    return module.param("relative_bias", init, (cfg.relative_buckets, cfg.num_heads), cfg.param_dtype)
 
 
 def residual(cfg: ModelConfig, fn, x: Array, norm_name: str) -> Array:
@@ -309,12 +323,21 @@ class EncoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None):
+    def __call__(
+        self,
+        x: Array,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        relative_table: Array | None = None,
+    ):
         cfg = self.config
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         attn = MultiHeadAttention(cfg, name="self_attention")
         x = residual(
-            cfg, lambda h: attn(h, segment_ids=segment_ids, positions=positions), x, "attention_norm"
+            cfg,
+            lambda h: attn(h, segment_ids=segment_ids, positions=positions, relative_table=relative_table),
+            x,
+            "attention_norm",
         )
         x = residual(cfg, Mlp(cfg, name="mlp"), x, "mlp_norm")
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
@@ -335,12 +358,16 @@ class DecoderLayer(nn.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         encoded_segment_ids: Array | None = None,
+        relative_table: Array | None = None,
     ):
         cfg = self.config
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         attn = MultiHeadAttention(cfg, causal=True, name="self_attention")
         x = residual(
-            cfg, lambda h: attn(h, segment_ids=segment_ids, positions=positions), x, "attention_norm"
+            cfg,
+            lambda h: attn(h, segment_ids=segment_ids, positions=positions, relative_table=relative_table),
+            x,
+            "attention_norm",
         )
         if self.cross:
             xattn = MultiHeadAttention(cfg, cross=True, name="cross_attention")

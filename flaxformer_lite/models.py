@@ -19,6 +19,7 @@ from flaxformer_lite.layers import (
     EncoderLayer,
     Norm,
     dense,
+    relative_table,
     run_layers,
 )
 from flaxformer_lite.sharding import CLASSES, EMBED, LENGTH, MLP, VOCAB
@@ -76,7 +77,9 @@ class Encoder(nn.Module):
         cfg = self.config
         positions = _default_positions(tokens, positions)
         x = _Positions(cfg, name="positions")(self.embed(tokens), positions, token_types)
-        x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, segment_ids, positions)
+        x = run_layers(
+            cfg, EncoderLayer, cfg.num_encoder_layers, x, segment_ids, positions, _shared_table(self)
+        )
         return Norm(cfg, name="final_norm")(x) if cfg.pre_norm else x
 
 
@@ -116,6 +119,7 @@ class Decoder(nn.Module):
             segment_ids,
             positions,
             encoded_segment_ids,
+            _shared_table(self),
             cross=self.cross,
         )
         if cfg.pre_norm:
@@ -123,11 +127,17 @@ class Decoder(nn.Module):
         return _vocab_logits(self, cfg, self.embed, x, "logits")
 
 
+def _shared_table(stack: nn.Module) -> Array | None:
+    """The stack's one relative-bias table (T5), or None: each layer keeps its own, or none."""
+    cfg = stack.config
+    return relative_table(stack, cfg) if cfg.position == "relative" and cfg.shared_relative_bias else None
+
+
 def _vocab_logits(module: nn.Module, cfg: ModelConfig, embed: Embed, x: Array, name: str) -> Array:
     """[B, T, d_model] -> [B, T, vocab]: the tied embedding or a dense `name`, plus `logits_bias`
     (then the only bias: Marian's final_logits_bias, BERT's MLM output bias)."""
     if cfg.tie_embeddings:
-        logits = embed.attend(x)
+        logits = embed.attend(x * cfg.d_model**-0.5 if cfg.rescale_tied_logits else x)
     else:
         head_cfg = cfg.replace(use_bias=False) if cfg.logits_bias else cfg
         logits = dense(head_cfg, cfg.vocab_size, (EMBED, VOCAB), name)(x)

@@ -93,7 +93,8 @@ def test_unsupported_architecture_names_what_is_supported(tmp_path):
         json.dumps({"model_type": "xlnet", "architectures": ["XLNetModel"]})
     )
     with pytest.raises(
-        interop.UnsupportedCheckpointError, match=r"'xlnet' .*supported: gpt2, llama, mistral, marian, bert"
+        interop.UnsupportedCheckpointError,
+        match=r"'xlnet' .*supported: gpt2, llama, mistral, marian, t5, bert",
     ):
         interop.from_hf(str(tmp_path))
     cfg = json.loads(

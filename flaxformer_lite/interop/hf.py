@@ -17,12 +17,12 @@ import os
 import numpy as np
 
 from flaxformer_lite.config import ModelConfig
-from flaxformer_lite.interop import bert, marian
+from flaxformer_lite.interop import bert, marian, t5
 
-SUPPORTED = ("gpt2", "llama", "mistral", "marian", "bert")
+SUPPORTED = ("gpt2", "llama", "mistral", "marian", "t5", "bert")
 # Architectures described by a module: config_from_hf/config_to_hf/matches/names/VOCAB_AXES/ALIASES
 # (and optionally OPTIONAL: read when present, else zero; ZERO: ours only, zero).
-TABLES = {"marian": marian, "bert": bert}
+TABLES = {"marian": marian, "t5": t5, "bert": bert}
 _GPT2_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
@@ -178,7 +178,8 @@ def config_to_hf(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
         "GELU, tied, unscaled embeddings) nor LLaMA-shaped (pre-RMSNorm, RoPE, SwiGLU, no biases, "
         "unscaled embeddings, no sliding window) nor Marian-shaped (post-LN encoder-decoder with "
         "biases, concat sinusoids, logits bias, MHA) nor BERT-shaped (post-LN encoder, learned positions, "
-        "token types, embedding norm, MLM logits bias); transformers has no equivalent to export to."
+        "token types, embedding norm, MLM logits bias) nor T5-shaped (pre-RMSNorm encoder-decoder, no "
+        "biases, shared relative bias, unscaled attention); transformers has no equivalent to export to."
     )
 
 
@@ -467,13 +468,14 @@ def load_tokenizer(path: str):
         from tokenizers import Tokenizer
 
         return _HfTokenizer(Tokenizer.from_file(os.path.join(path, "tokenizer.json")))
-    if os.path.isfile(os.path.join(path, "tokenizer.model")):
-        import sentencepiece as spm
+    for name in ("tokenizer.model", "spiece.model"):  # LLaMA's, T5's (pad 0, EOS 1 as ours)
+        if os.path.isfile(os.path.join(path, name)):
+            import sentencepiece as spm
 
-        return spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
+            return spm.SentencePieceProcessor(model_file=os.path.join(path, name))
     raise FileNotFoundError(
-        f"{path!r} has no tokenizer: neither source.spm/target.spm/vocab.json (Marian), tokenizer.json "
-        "nor tokenizer.model."
+        f"{path!r} has no tokenizer: neither source.spm/target.spm/vocab.json (Marian), tokenizer.json, "
+        "tokenizer.model nor spiece.model (T5)."
     )
 
 

@@ -118,7 +118,7 @@ def relative_position_bias(
         num_buckets=table.shape[0],
         max_distance=max_distance,
     )
-    return jnp.moveaxis(table[buckets], -1, 1)  # [B, T, S, N] -> [B, N, T, S]
+    return jnp.moveaxis(jnp.asarray(table)[buckets], -1, 1)  # [B, T, S, N] -> [B, N, T, S]
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
