@@ -1,12 +1,10 @@
-"""HuggingFace `transformers` checkpoints <-> ours: GPT-2, the LLaMA family (LLaMA, Mistral) and
-Marian (opus-mt; its config and name table live in `marian.py`).
+"""HuggingFace `transformers` checkpoints <-> ours: reading, writing, dispatch and tokenizers.
 
-A checkpoint directory holds config.json and model.safetensors (or shards listed in
-model.safetensors.index.json). Tensors are read and written with `safetensors.numpy`, so neither
-torch nor transformers is needed. Layout notes:
-- GPT-2 uses Conv1D, weights stored [in, out]; q, k, v are one fused [d, 3d] `c_attn`.
-- LLaMA uses torch Linear, weights stored [out, in]; its checkpoints already use the half-split
-  ("rotate_half") RoPE layout that `ops.apply_rope` implements, so no permutation is needed.
+Each architecture's config mapping and tensor-name table (one table serves both directions) lives
+in its own module: `decoder_only.py` (GPT-2, LLaMA, Mistral), `marian.py` (opus-mt), `t5.py`
+(v1.0, v1.1) and `bert.py` (BertForMaskedLM). A checkpoint directory holds config.json and
+model.safetensors (or shards listed in model.safetensors.index.json). Tensors are read and
+written with `safetensors.numpy`, so neither torch nor transformers is needed.
 """
 
 from __future__ import annotations
@@ -17,18 +15,12 @@ import os
 import numpy as np
 
 from flaxformer_lite.config import ModelConfig
-from flaxformer_lite.interop import bert, marian, t5
+from flaxformer_lite.interop import bert, decoder_only, marian, t5
 
 SUPPORTED = ("gpt2", "llama", "mistral", "marian", "t5", "bert")
 # Architectures described by a module: config_from_hf/config_to_hf/matches/names/VOCAB_AXES/ALIASES
 # (and optionally OPTIONAL: read when present, else zero; ZERO: ours only, zero).
 TABLES = {"marian": marian, "t5": t5, "bert": bert}
-_GPT2_ACTIVATIONS = {
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu": "gelu",
-    "relu": "relu",
-}
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -48,7 +40,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         )
     if kind in TABLES:
         return TABLES[kind].config_from_hf(hf, _unsupported_options)
-    return _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf)
+    config = decoder_only.gpt2_config if kind == "gpt2" else decoder_only.llama_config
+    return config(hf, _unsupported_options)
 
 
 def _unsupported_options(hf: dict, options: dict) -> None:
@@ -57,76 +50,6 @@ def _unsupported_options(hf: dict, options: dict) -> None:
         raise UnsupportedCheckpointError(
             f"{hf['model_type']} checkpoint uses options this converter cannot reproduce: {', '.join(bad)}."
         )
-
-
-def _gpt2_config(hf: dict) -> ModelConfig:
-    _unsupported_options(
-        hf,
-        {
-            "activation_function": lambda v: v in _GPT2_ACTIVATIONS,
-            "scale_attn_weights": bool,
-            "scale_attn_by_inverse_layer_idx": lambda v: not v,
-            "reorder_and_upcast_attn": lambda v: True,  # numerics only: fp32 attention, as ours
-            "tie_word_embeddings": bool,
-        },
-    )
-    d = hf["n_embd"]
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        d_model=d,
-        num_heads=hf["n_head"],
-        d_ff=hf.get("n_inner") or 4 * d,
-        num_encoder_layers=0,
-        num_decoder_layers=hf["n_layer"],
-        activation=_GPT2_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        pre_norm=True,
-        position="learned",
-        max_len=hf["n_positions"],
-        scale_embeddings=False,
-        dropout_rate=0.0,
-    )
-
-
-def _default_rope(v) -> bool:
-    return v is None or v.get("rope_type", v.get("type", "default")) == "default"
-
-
-def _llama_config(hf: dict) -> ModelConfig:
-    _unsupported_options(
-        hf,
-        {
-            "hidden_act": lambda v: v == "silu",
-            "rope_scaling": _default_rope,  # transformers 4
-            "rope_parameters": _default_rope,  # transformers 5
-            "attention_bias": lambda v: not v,
-            "mlp_bias": lambda v: not v,
-        },
-    )
-    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)
-    heads = hf["num_attention_heads"]
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        d_ff=hf["intermediate_size"],
-        num_encoder_layers=0,
-        num_decoder_layers=hf["num_hidden_layers"],
-        activation="swiglu",
-        norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        pre_norm=True,
-        position="rope",
-        rope_theta=float(theta),
-        max_len=hf.get("max_position_embeddings", 2048),
-        local_window=hf.get("sliding_window") if hf["model_type"] == "mistral" else None,
-        use_bias=False,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        scale_embeddings=False,
-        dropout_rate=0.0,
-    )
 
 
 def config_to_hf(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
@@ -139,40 +62,9 @@ def config_to_hf(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
         if arch.matches(cfg):
             ids = special_ids or {}
             return arch.config_to_hf(cfg, **{k.removesuffix("_token_id") + "_id": v for k, v in ids.items()})
-    if _is_gpt2(cfg):
-        return {
-            "model_type": "gpt2",
-            "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": cfg.vocab_size,
-            "n_embd": cfg.d_model,
-            "n_head": cfg.num_heads,
-            "n_inner": cfg.d_ff,
-            "n_layer": cfg.num_decoder_layers,
-            "n_positions": cfg.max_len,
-            "activation_function": {v: k for k, v in _GPT2_ACTIVATIONS.items()}[cfg.activation],
-            "layer_norm_epsilon": cfg.norm_eps,
-            "tie_word_embeddings": True,
-        }
-    if _is_llama(cfg):
-        return {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.d_model,
-            "num_attention_heads": cfg.num_heads,
-            "num_key_value_heads": cfg.num_kv_heads,
-            "head_dim": cfg.head_dim,
-            "intermediate_size": cfg.d_ff,
-            "num_hidden_layers": cfg.num_decoder_layers,
-            "hidden_act": "silu",
-            "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta,  # transformers 4
-            "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},  # transformers 5
-            "max_position_embeddings": cfg.max_len,
-            "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_bias": False,
-            "mlp_bias": False,
-        }
+    hf = decoder_only.config_to_hf(cfg)
+    if hf is not None:
+        return hf
     raise UnsupportedCheckpointError(
         "this ModelConfig is neither GPT-2-shaped (pre-LN LayerNorm with biases, learned positions, "
         "GELU, tied, unscaled embeddings) nor LLaMA-shaped (pre-RMSNorm, RoPE, SwiGLU, no biases, "
@@ -181,18 +73,6 @@ def config_to_hf(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
         "token types, embedding norm, MLM logits bias) nor T5-shaped (pre-RMSNorm encoder-decoder, no "
         "biases, shared relative bias, unscaled attention); transformers has no equivalent to export to."
     )
-
-
-def _is_gpt2(c: ModelConfig) -> bool:
-    return (c.pre_norm, c.norm, c.position, c.use_bias, c.tie_embeddings, c.scale_embeddings) == (
-        True, "layernorm", "learned", True, True, False,
-    ) and c.activation in _GPT2_ACTIVATIONS.values() and c.head_dim * c.num_heads == c.d_model  # fmt: skip
-
-
-def _is_llama(c: ModelConfig) -> bool:
-    return (c.pre_norm, c.norm, c.position, c.use_bias, c.activation, c.scale_embeddings) == (
-        True, "rmsnorm", "rope", False, "swiglu", False,
-    ) and c.local_window is None  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- tensors
@@ -282,7 +162,7 @@ def from_hf(path: str) -> tuple[ModelConfig, dict]:
     base = "transformer." if gpt2 else "model."
     prefix = base if any(k.startswith(base) for k in tensors) else ""  # absent in a bare base model
     shapes, t, flat = _param_shapes(cfg), _Tensors(tensors), {}
-    for hf_name, (name, transpose) in _names(cfg).items():
+    for hf_name, (name, transpose) in decoder_only.names(cfg).items():
         matrix = _matrix_shape(name, shapes[name])
         x = t(_full_name(hf_name, prefix), matrix[::-1] if transpose else matrix)
         flat[name] = (x.T if transpose else x).reshape(shapes[name])
@@ -371,7 +251,7 @@ def to_hf(params, cfg: ModelConfig, path: str, special_ids: dict | None = None) 
     base = "transformer." if hf["model_type"] == "gpt2" else "model."
     out = {
         _full_name(hf_name, base): ours[name].T if transpose else ours[name]
-        for hf_name, (name, transpose) in _names(cfg).items()
+        for hf_name, (name, transpose) in decoder_only.names(cfg).items()
     }
     if hf["model_type"] == "gpt2":
         for i in range(cfg.num_decoder_layers):
@@ -393,31 +273,8 @@ def _save(out: dict, hf: dict, path: str) -> None:
 _QKV = ("query", "key", "value")
 
 
-def _names(c: ModelConfig) -> dict[str, tuple[str, bool]]:
-    """HF tensor name (below the model's base prefix) -> (our name, stored transposed); one table
-    serves both directions. GPT-2's fused q/k/v `c_attn` is split and joined by the callers."""
-    return _gpt2_names(c) if _is_gpt2(c) else _llama_names(c)
-
-
 def _full_name(hf_name: str, base: str) -> str:
     return hf_name if hf_name == "lm_head.weight" else base + hf_name  # the LM head sits outside the base
-
-
-def _gpt2_names(c: ModelConfig) -> dict[str, tuple[str, bool]]:
-    """GPT-2 uses Conv1D, stored [in, out] as ours: nothing is transposed."""
-    names = {"wte.weight": "token_embed/embedding", "wpe.weight": "decoder/positions/table/embedding"}
-    for i in range(c.num_decoder_layers):
-        h, ours = f"h.{i}.", f"decoder/layer_{i}/"
-        names[h + "attn.c_proj.weight"] = ours + "self_attention/out/kernel"
-        names[h + "attn.c_proj.bias"] = ours + "self_attention/out/bias"
-        for norm, hf_norm in (("attention_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            names[h + f"{hf_norm}.weight"] = ours + f"{norm}/scale"
-            names[h + f"{hf_norm}.bias"] = ours + f"{norm}/bias"
-        for hf_mlp, our_mlp in (("c_fc", "wi"), ("c_proj", "wo")):
-            names[h + f"mlp.{hf_mlp}.weight"] = ours + f"mlp/{our_mlp}/kernel"
-            names[h + f"mlp.{hf_mlp}.bias"] = ours + f"mlp/{our_mlp}/bias"
-    names["ln_f.weight"], names["ln_f.bias"] = "decoder/final_norm/scale", "decoder/final_norm/bias"
-    return {k: (v, False) for k, v in names.items()}
 
 
 def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -431,23 +288,6 @@ def _matrix_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if name == "decoder/logits_bias":
         return (1, shape[0])  # Marian's final_logits_bias is [1, V]
     return tuple(shape)
-
-
-def _llama_names(c: ModelConfig) -> dict[str, tuple[str, bool]]:
-    """LLaMA uses torch Linear, stored [out, in]: every matrix is transposed."""
-    names = {"embed_tokens.weight": ("token_embed/embedding", False)}
-    for i in range(c.num_decoder_layers):
-        h, ours = f"layers.{i}.", f"decoder/layer_{i}/"
-        for name, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"), ("out", "o_proj")):
-            names[h + f"self_attn.{hf_name}.weight"] = (ours + f"self_attention/{name}/kernel", True)
-        names[h + "input_layernorm.weight"] = (ours + "attention_norm/scale", False)
-        names[h + "post_attention_layernorm.weight"] = (ours + "mlp_norm/scale", False)
-        for hf_name, name in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo")):
-            names[h + f"mlp.{hf_name}.weight"] = (ours + f"mlp/{name}/kernel", True)
-    names["norm.weight"] = ("decoder/final_norm/scale", False)
-    if not c.tie_embeddings:
-        names["lm_head.weight"] = ("decoder/logits/kernel", True)
-    return names
 
 
 def load_tokenizer(path: str):
