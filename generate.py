@@ -132,21 +132,15 @@ def run_hf(
             model, p, x, max_new_tokens, start_id=None, rng=k, eos_id=eos, **sample_kwargs
         )
     )
-    counts = {"lines": 0, "empty": 0, "trimmed": 0, "replaced_bytes": 0}
-    for i, text in enumerate(cli.text_lines(lines, counts)):
-        counts["lines"] += 1
-        ids = tok.encode(text)
-        if not ids:
-            counts["empty"] += 1
-            out.write("\n")
-            continue
+
+    def continuation(i, ids, counts):
         if len(ids) + max_new_tokens > cfg.max_len:  # keep the prompt's end within the positions
             counts["trimmed"] += 1
             ids = ids[-(cfg.max_len - max_new_tokens) :]
         new = [int(t) for t in decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))[0]]
-        out.write(tok.decode(new[: new.index(eos)] if eos in new else new).replace("\n", " ") + "\n")
-        out.flush()
-    return counts
+        return new[: new.index(eos)] if eos in new else new
+
+    return _answer_each(lines, out, tok, continuation)
 
 
 def _translate_hf(model, params, tok, lines, out, max_new_tokens, *, beam_size, alpha, length_penalty):
@@ -158,20 +152,29 @@ def _translate_hf(model, params, tok, lines, out, max_new_tokens, *, beam_size, 
         length_penalty=length_penalty,
     )
     max_len = model.config.max_len
-    counts = {"lines": 0, "empty": 0, "trimmed": 0, "replaced_bytes": 0}
-    for text in cli.text_lines(lines, counts):
-        counts["lines"] += 1
-        ids = tok.encode(text)
-        if not ids:
-            counts["empty"] += 1
-            out.write("\n")
-            continue
+
+    def translation(i, ids, counts):
         if len(ids) >= max_len:
             counts["trimmed"] += 1
             ids = ids[: max_len - 1]
         row = np.zeros((1, max_len), np.int32)
         row[0, : len(ids) + 1] = ids + [EOS_ID]
-        out.write(tok.decode(decoding.strip_after_eos(decode(params, row))[0]).replace("\n", " ") + "\n")
+        return decoding.strip_after_eos(decode(params, row))[0]
+
+    return _answer_each(lines, out, tok, translation)
+
+
+def _answer_each(lines, out, tok, respond) -> dict:
+    """One output line per input line: `respond(i, ids, counts)` gives the output ids; empty stays empty."""
+    counts = {"lines": 0, "empty": 0, "trimmed": 0, "replaced_bytes": 0}
+    for i, text in enumerate(cli.text_lines(lines, counts)):
+        counts["lines"] += 1
+        ids = tok.encode(text)
+        if not ids:
+            counts["empty"] += 1
+            out.write("\n")
+        else:
+            out.write(tok.decode(respond(i, ids, counts)).replace("\n", " ") + "\n")
         out.flush()
     return counts
 
