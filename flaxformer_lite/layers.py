@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from flaxformer_lite import ops
@@ -167,8 +166,6 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = dense(cfg, (N, H), (EMBED, HEADS, KV), "query")(x)  # [B, T, N, H]
-        if not cfg.scale_attention:  # every kernel divides by sqrt(H): undo it on q (T5)
-            q = q * jnp.asarray(np.sqrt(H), q.dtype)
         # A key bias adds q.b to every logit of a query alike, which softmax ignores, so its gradient
         # is exactly 0 (unless RoPE rotates it per position); it exists only for checkpoints (GPT-2).
         constant = cfg.position != "rope"
@@ -184,7 +181,7 @@ class MultiHeadAttention(nn.Module):
                     q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
             if cached:  # decoding: keys and values from the head-major cache
                 mask = ops.segment_mask(q_segment_ids, kv_segment_ids)
-                out = ops.cached_attention(q, k, v, mask=mask)
+                out = ops.cached_attention(q, k, v, mask=mask, scale=self._scale)
                 return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
         else:
             k, v = key(x), value(x)  # [B, T, K, H]
@@ -193,7 +190,7 @@ class MultiHeadAttention(nn.Module):
             if caching and self.has_variable("cache", "cached_key"):
                 q, k, v, mask, q_pos, kv_pos = self._decode_step(q, k, v, segment_ids)
                 bias = self._position_bias(q_pos, kv_pos, relative_table)
-                out = ops.cached_attention(q, k, v, mask=mask, bias=bias)
+                out = ops.cached_attention(q, k, v, mask=mask, bias=bias, scale=self._scale)
                 return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
             if caching:  # creating the cache: shapes only, output is not used
                 self._decode_step(q, k, v, segment_ids)
@@ -221,8 +218,14 @@ class MultiHeadAttention(nn.Module):
             dropout_rate=cfg.attention_dropout_rate,
             dropout_rng=dropout_rng,
             implementation=cfg.attention_impl,
+            scale=self._scale,
         )  # [B, T, N, H]
         return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
+
+    @property
+    def _scale(self) -> float | None:
+        """The logit scale: None (1/sqrt(head_dim)) or 1.0 without it (T5 folds it into the init)."""
+        return None if self.config.scale_attention else 1.0
 
     def _cross_kv(self, key, value, context, context_segment_ids):
         """(keys, values, segment ids, cached) of the encoder output.

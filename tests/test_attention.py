@@ -128,3 +128,17 @@ def test_bad_inputs_raise_clear_errors():
         ops.dot_product_attention(
             q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0), implementation="xla"
         )
+
+
+@pytest.mark.parametrize("impl,masked", [("xla", False), ("xla", True), ("reference", True)])
+def test_scale_replaces_one_over_sqrt_head_dim(impl, masked):
+    """scale=1.0 (T5) on every path, against the float64 reference fed sqrt(H)-scaled queries."""
+    q, k, v = _qkv(4, 2)
+    mask = jax.random.bernoulli(jax.random.key(1), 0.7, (B, 1, T, S)).at[..., 0].set(True) if masked else None
+    out = ops.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=impl)
+    expected = reference.attention(np.asarray(q, np.float64) * np.sqrt(H), k, v, mask)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    cached = ops.cached_attention(
+        q, jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)), mask=mask, scale=1.0
+    )
+    np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-5)

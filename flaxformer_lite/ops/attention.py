@@ -93,18 +93,22 @@ def reference_attention(
     bias: Float[Array, "#B #N T S"] | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
+    scale: float | None = None,
 ) -> Float[Array, "B T N H"]:
     """Plain-einsum attention, fp32 logits and softmax: [B,T,N,H], [B,S,K,H] x2 -> [B,T,N,H].
 
     mask: bool [B or 1, N or 1, T, S]; bias: float [B or 1, N or 1, T, S], added to the logits.
-    The only path that applies dropout to the attention probabilities.
+    scale: on q k^T (None: 1/sqrt(H)). The only path that applies dropout to the probabilities.
     """
     return _grouped_attention(
-        q, k, v, "bskh", mask=mask, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng
-    )
+        q, k, v, "bskh", mask=mask, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        scale=scale,
+    )  # fmt: skip
 
 
-def _grouped_attention(q, k, v, kv_layout: str, *, mask, bias, dropout_rate=0.0, dropout_rng=None):
+def _grouped_attention(
+    q, k, v, kv_layout: str, *, mask, bias, dropout_rate=0.0, dropout_rng=None, scale=None
+):
     """The einsum attention of `reference_attention` and `cached_attention`.
 
     `kv_layout` names the key axes: "bskh" ([B, S, K, H] keys and values) or "bkhs" (head-major
@@ -117,7 +121,7 @@ def _grouped_attention(q, k, v, kv_layout: str, *, mask, bias, dropout_rate=0.0,
     v_layout = "bskh" if kv_layout == "bskh" else "bksh"
     qg = q.reshape(B, T, K, G, H)
     logits = jnp.einsum(f"btkgh,{kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / jnp.sqrt(jnp.float32(H)))
+    logits = logits * (1.0 / jnp.sqrt(jnp.float32(H)) if scale is None else jnp.float32(scale))
     if bias is not None:
         logits = logits + _group_heads(bias.astype(jnp.float32), K, G)
     if mask is not None:
@@ -137,15 +141,16 @@ def cached_attention(
     *,
     mask: Bool[Array, "#B #N T S"] | None = None,
     bias: Float[Array, "#B #N T S"] | None = None,
+    scale: float | None = None,
 ) -> Float[Array, "B T N H"]:
     """Attention over a head-major KV cache (decoding): keys [B, K, H, S], values [B, K, S, H].
 
     Those are the layouts the two matmuls read, so a decoding step never transposes the cache
     (with [B, S, K, H] XLA copies every cached key and value once per step). fp32 logits and
-    softmax, GQA/MQA by grouping query heads; mask/bias as in `reference_attention`.
+    softmax, GQA/MQA by grouping query heads; mask/bias/scale as in `reference_attention`.
     """
     _announce(f"KV-cache decoding q{tuple(q.shape)} cache S={k.shape[3]}: head-major cache attention (XLA)")
-    return _grouped_attention(q, k, v, "bkhs", mask=mask, bias=bias)
+    return _grouped_attention(q, k, v, "bkhs", mask=mask, bias=bias, scale=scale)
 
 
 def _group_heads(x: Array, K: int, G: int) -> Array:
@@ -225,8 +230,9 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     implementation: str | None = None,
+    scale: float | None = None,
 ) -> Float[Array, "B T N H"]:
-    """softmax(q k^T / sqrt(H) + bias) v with fp32 softmax: [B,T,N,H], [B,S,K,H] x2 -> [B,T,N,H].
+    """softmax(q k^T * scale + bias) v with fp32 softmax: [B,T,N,H], [B,S,K,H] x2 -> [B,T,N,H].
 
     Args:
       q, k, v: queries [B, T, N, H]; keys and values [B, S, K, H] with N % K == 0 (GQA/MQA).
@@ -240,6 +246,7 @@ def dot_product_attention(
       max_segments: most sequences in one row (static; the packer's cap). cuDNN sizes its packed
         layout by it; 1 means unpacked rows padded at the end. None: T.
       dropout_rate, dropout_rng: dropout on the attention probabilities (forces "reference").
+      scale: the logit scale; None is 1/sqrt(H) (T5 uses 1.0).
       implementation: None chooses per backend (`choose_implementation`): cuDNN on GPU, splash on
         TPU, XLA otherwise or when a mask/bias is given. Or force "xla", "cudnn", "splash",
         "splash_interpret" or "reference" (plain einsum: tests and attention dropout).
@@ -281,25 +288,28 @@ def dot_product_attention(
     if impl == "cudnn":
         return fused.cudnn_attention(
             q, k, v, is_causal=is_causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-            local_window=local_window, max_segments=max_segments,
+            local_window=local_window, max_segments=max_segments, scale=scale,
         )  # fmt: skip
     if impl in ("splash", "splash_interpret"):
         return fused.splash_attention(
             q, k, v, is_causal=is_causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-            local_window=local_window, interpret=impl == "splash_interpret",
+            local_window=local_window, interpret=impl == "splash_interpret", scale=scale,
         )  # fmt: skip
     if impl == "reference" or segment_ids is not None or mask is not None:
         full = _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window)
         if impl == "reference":
             out = reference_attention(
-                q, k, v, mask=full, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng
-            )
+                q, k, v, mask=full, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                scale=scale,
+            )  # fmt: skip
         else:
-            out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=full, implementation="xla")
+            out = jax.nn.dot_product_attention(
+                q, k, v, bias=bias, mask=full, scale=scale, implementation="xla"
+            )
         return fused.zero_padding_queries(out, segment_ids)
     window = None if local_window is None else (local_window - 1, local_window - 1)
     if is_causal and window is not None:
         window = (window[0], 0)
     return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, is_causal=is_causal, local_window_size=window, implementation="xla"
+        q, k, v, bias=bias, is_causal=is_causal, local_window_size=window, scale=scale, implementation="xla"
     )

@@ -84,18 +84,21 @@ def cudnn_attention(
     kv_segment_ids: Int[Array, "B S"] | None,
     local_window: int | None,
     max_segments: int,
+    scale: float | None = None,
 ) -> Float[Array, "B T N H"]:
     """cuDNN flash attention; segment ids become per-sequence lengths and offsets.
 
+    scale: on the logits (None: 1/sqrt(H)).
     max_segments == 1 (unpacked, padding at the end) uses jax's public API with per-row lengths
     (any cuDNN GPU); more uses the packed layout (Hopper). jax <= 0.11.0 scales the packed
     `kv_offsets` by the query head count, so K/V heads are repeated to N there (GQA/MQA).
     """
     N, H = q.shape[2], q.shape[3]
+    scale = float(1.0 / np.sqrt(H)) if scale is None else float(scale)
     window = None if local_window is None else (local_window - 1, 0)
     if segment_ids is None:
         return jax.nn.dot_product_attention(
-            q, k, v, is_causal=is_causal, local_window_size=window, implementation="cudnn"
+            q, k, v, is_causal=is_causal, local_window_size=window, scale=scale, implementation="cudnn"
         )
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     if max_segments == 1:
@@ -107,6 +110,7 @@ def cudnn_attention(
             query_seq_lengths=jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
             key_value_seq_lengths=jnp.sum(kv_segment_ids != 0, axis=1, dtype=jnp.int32),
             local_window_size=window,
+            scale=scale,
             implementation="cudnn",
         )
     else:
@@ -125,7 +129,7 @@ def cudnn_attention(
             kv_seqlen=kv_len,
             q_offsets=q_off,
             kv_offsets=kv_off,
-            scale=float(1.0 / np.sqrt(H)),
+            scale=scale,
             mask_type=mask_type,
             sliding_window_length=local_window,
         )
@@ -179,9 +183,11 @@ def splash_attention(
     kv_segment_ids: Int[Array, "B S"] | None,
     local_window: int | None,
     interpret: bool = False,
+    scale: float | None = None,
 ) -> Float[Array, "B T N H"]:
     """Pallas splash attention (TPU), vmapped over the batch and run per shard under a mesh.
 
+    scale: on the logits (None: 1/sqrt(H)); splash has no scale argument, so q is scaled.
     T and S must be multiples of 128. `interpret=True` runs the same kernel on any backend (tests).
     Under a mesh (jax.set_mesh) the batch is split over BATCH_MESH_AXES and heads over
     HEAD_MESH_AXIS with shard_map; K/V heads that do not split are repeated to N first.
@@ -190,6 +196,7 @@ def splash_attention(
 
     B, T, N, H = q.shape
     S = k.shape[1]
+    scale = 1.0 / np.sqrt(H) if scale is None else scale
     if T % LANES or S % LANES:
         raise ValueError(
             f"splash attention needs lengths that are multiples of {LANES}; got T={T}, S={S}: pad the "
@@ -205,7 +212,7 @@ def splash_attention(
     def per_shard(q, k, v, *segments):
         n_local, mqa = q.shape[2], k.shape[2] == 1
         kernel = _splash_kernel(T, S, n_local, mqa, is_causal, local_window, interpret)
-        q = q * jnp.asarray(1.0 / np.sqrt(H), q.dtype)  # splash has no scale argument
+        q = q * jnp.asarray(scale, q.dtype)
         qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, L, heads, H] -> [B, heads, L, H]
         if mqa:
             kh, vh = kh[:, 0], vh[:, 0]
