@@ -57,7 +57,8 @@ def matches(c: ModelConfig) -> bool:
     )
 
 
-def config_to_hf(c: ModelConfig, pad_id: int = 0, eos_id: int | None = None) -> dict:
+def config_to_hf(c: ModelConfig, special_ids: dict) -> dict:
+    """config.json; the vocabulary keeps its ids, so `special_ids` are not needed."""
     return {
         "model_type": "bert",
         "architectures": ["BertForMaskedLM"],
@@ -71,7 +72,7 @@ def config_to_hf(c: ModelConfig, pad_id: int = 0, eos_id: int | None = None) -> 
         "type_vocab_size": c.type_vocab_size,
         "layer_norm_eps": c.norm_eps,
         "tie_word_embeddings": c.tie_embeddings,
-        "pad_token_id": pad_id,
+        "pad_token_id": 0,
     }
 
 

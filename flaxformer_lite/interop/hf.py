@@ -60,8 +60,7 @@ def config_to_hf(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
     """
     for arch in TABLES.values():
         if arch.matches(cfg):
-            ids = special_ids or {}
-            return arch.config_to_hf(cfg, **{k.removesuffix("_token_id") + "_id": v for k, v in ids.items()})
+            return arch.config_to_hf(cfg, special_ids or {})
     hf = decoder_only.config_to_hf(cfg)
     if hf is not None:
         return hf
@@ -161,11 +160,8 @@ def from_hf(path: str) -> tuple[ModelConfig, dict]:
     gpt2 = hf["model_type"] == "gpt2"
     base = "transformer." if gpt2 else "model."
     prefix = base if any(k.startswith(base) for k in tensors) else ""  # absent in a bare base model
-    shapes, t, flat = _param_shapes(cfg), _Tensors(tensors), {}
-    for hf_name, (name, transpose) in decoder_only.names(cfg).items():
-        matrix = _matrix_shape(name, shapes[name])
-        x = t(_full_name(hf_name, prefix), matrix[::-1] if transpose else matrix)
-        flat[name] = (x.T if transpose else x).reshape(shapes[name])
+    shapes, t = _param_shapes(cfg), _Tensors(tensors)
+    flat = _read(decoder_only.names(cfg), shapes, t, lambda hf_name: _full_name(hf_name, prefix))
     if gpt2:  # q, k, v fused in one Conv1D: [D, 3D] weight, [3D] bias
         D = cfg.d_model
         for i in range(cfg.num_decoder_layers):
@@ -190,19 +186,17 @@ def _params(path: str, hf: dict, flat: dict, shapes: dict, t: _Tensors) -> dict:
     return traverse_util.unflatten_dict({k: np.ascontiguousarray(v) for k, v in flat.items()}, sep="/")
 
 
-def vocab_orders(hf: dict) -> dict[str, np.ndarray]:
-    """{"source"/"target": order}, order[our id] = the checkpoint's id (see `marian.vocab_order`).
+def vocab_orders(hf: dict, cfg: ModelConfig | None = None) -> dict[str, np.ndarray]:
+    """{"source"/"target": order}, order[our id] = the checkpoint's id.
 
-    Only Marian's vocabulary moves; others (pad 0 already) keep their ids.
+    Only Marian's vocabulary moves (`marian.vocab_orders`); others keep their ids.
     """
-    cfg = config_from_hf(hf)
-    if hf["model_type"] != "marian":
-        identity = np.arange(cfg.vocab_size)
-        return {"source": identity, "target": identity}
-    pad, eos = hf.get("pad_token_id", 0), hf.get("eos_token_id", 1)
-    target = marian.vocab_order(cfg.vocab_size, pad, eos)
-    source = target if cfg.source_vocab_size is None else marian.vocab_order(cfg.source_vocab_size, pad, eos)
-    return {"source": source, "target": target}
+    cfg = cfg or config_from_hf(hf)
+    orders = getattr(TABLES.get(hf["model_type"]), "vocab_orders", None)
+    if orders is not None:
+        return orders(hf, cfg)
+    identity = np.arange(cfg.vocab_size)
+    return {"source": identity, "target": identity}
 
 
 def _from_table(path: str, hf: dict, cfg: ModelConfig, tensors: dict, arch) -> dict:
@@ -211,19 +205,34 @@ def _from_table(path: str, hf: dict, cfg: ModelConfig, tensors: dict, arch) -> d
         found = [a for a in alternatives if a in tensors]
         if name not in tensors and found:
             tensors[name] = tensors[found[0]]
-    shapes, t, flat = _param_shapes(cfg), _Tensors(tensors), {}
+    shapes, t = _param_shapes(cfg), _Tensors(tensors)
     optional = {k: v for k, v in getattr(arch, "OPTIONAL", {}).items() if k in tensors}
-    for hf_name, (name, transpose) in {**arch.names(cfg), **optional}.items():
-        matrix = _matrix_shape(name, shapes[name])
-        x = t(hf_name, matrix[::-1] if transpose else matrix)
-        flat[name] = (x.T if transpose else x).reshape(shapes[name])
+    flat = _read({**arch.names(cfg), **optional}, shapes, t)
     for name in [*getattr(arch, "ZERO", ()), *(n for n, _ in getattr(arch, "OPTIONAL", {}).values())]:
         flat.setdefault(name, np.zeros(shapes[name], np.float32))
-    orders = vocab_orders(hf)
+    orders = vocab_orders(hf, cfg)
     for name, (axis, which) in arch.VOCAB_AXES.items():
         if name in flat:
             flat[name] = np.take(flat[name], orders[which], axis=axis)
     return _params(path, hf, flat, shapes, t)
+
+
+def _read(table: dict, shapes: dict, t: _Tensors, full_name=lambda hf_name: hf_name) -> dict:
+    """Our flat params from a name table (HF name -> (our name, transposed)), in our shapes."""
+    flat = {}
+    for hf_name, (name, transpose) in table.items():
+        matrix = _matrix_shape(name, shapes[name])
+        x = t(full_name(hf_name), matrix[::-1] if transpose else matrix)
+        flat[name] = (x.T if transpose else x).reshape(shapes[name])
+    return flat
+
+
+def _write(table: dict, ours: dict, full_name=lambda hf_name: hf_name) -> dict:
+    """HF tensors from our flat params (already in HF's matrix shapes) and a name table."""
+    return {
+        full_name(hf_name): ours[name].T if transpose else ours[name]
+        for hf_name, (name, transpose) in table.items()
+    }
 
 
 def to_hf(params, cfg: ModelConfig, path: str, special_ids: dict | None = None) -> None:
@@ -236,23 +245,17 @@ def to_hf(params, cfg: ModelConfig, path: str, special_ids: dict | None = None) 
     hf = config_to_hf(cfg, special_ids)
     ours = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     if hf["model_type"] in TABLES:
-        arch, orders = TABLES[hf["model_type"]], vocab_orders(hf)
+        arch, orders = TABLES[hf["model_type"]], vocab_orders(hf, cfg)
         for name, (axis, which) in arch.VOCAB_AXES.items():
             if name in ours:
                 ours[name] = np.take(ours[name], np.argsort(orders[which]), axis=axis)
         ours = {k: v.reshape(_matrix_shape(k, v.shape)) for k, v in ours.items()}
-        out = {
-            hf_name: ours[name].T if transpose else ours[name]
-            for hf_name, (name, transpose) in arch.names(cfg).items()
-        }
+        out = _write(arch.names(cfg), ours)
         out.update({copy: out[source] for copy, source in getattr(arch, "EXPORT_COPIES", {}).items()})
         return _save(out, hf, path)
     ours = {k: v.reshape(_matrix_shape(k, v.shape)) for k, v in ours.items()}
     base = "transformer." if hf["model_type"] == "gpt2" else "model."
-    out = {
-        _full_name(hf_name, base): ours[name].T if transpose else ours[name]
-        for hf_name, (name, transpose) in decoder_only.names(cfg).items()
-    }
+    out = _write(decoder_only.names(cfg), ours, lambda hf_name: _full_name(hf_name, base))
     if hf["model_type"] == "gpt2":
         for i in range(cfg.num_decoder_layers):
             a, h = f"decoder/layer_{i}/self_attention/", f"{base}h.{i}.attn.c_attn."

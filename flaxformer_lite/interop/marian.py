@@ -70,7 +70,10 @@ def matches(c: ModelConfig) -> bool:
     )
 
 
-def config_to_hf(c: ModelConfig, pad_id: int = PAD_ID, eos_id: int = EOS_ID) -> dict:
+def config_to_hf(c: ModelConfig, special_ids: dict) -> dict:
+    """config.json; `special_ids` (pad_token_id, eos_token_id) default to ours (pad 0, EOS 1)."""
+    pad_id = special_ids.get("pad_token_id", PAD_ID)
+    eos_id = special_ids.get("eos_token_id", EOS_ID)
     shared = c.source_vocab_size is None
     return {
         "model_type": "marian",
@@ -148,6 +151,14 @@ ALIASES = {
     "model.decoder.embed_tokens.weight": ("model.shared.weight",),
     "model.encoder.embed_tokens.weight": ("model.shared.weight",),
 }
+
+
+def vocab_orders(hf: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """{"source"/"target": `vocab_order`} for the checkpoint's (one or two) vocabularies."""
+    pad, eos = hf.get("pad_token_id", PAD_ID), hf.get("eos_token_id", EOS_ID)
+    target = vocab_order(cfg.vocab_size, pad, eos)
+    source = target if cfg.source_vocab_size is None else vocab_order(cfg.source_vocab_size, pad, eos)
+    return {"source": source, "target": target}
 
 
 def vocab_order(size: int, pad_id: int, eos_id: int) -> np.ndarray:

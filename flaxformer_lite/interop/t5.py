@@ -66,7 +66,8 @@ def matches(c: ModelConfig) -> bool:
     )
 
 
-def config_to_hf(c: ModelConfig, pad_id: int = 0, eos_id: int = 1) -> dict:
+def config_to_hf(c: ModelConfig, special_ids: dict) -> dict:
+    """config.json; the vocabulary keeps its ids, so `special_ids` are not needed."""
     return {
         "model_type": "t5",
         "architectures": ["T5ForConditionalGeneration"],
@@ -83,9 +84,9 @@ def config_to_hf(c: ModelConfig, pad_id: int = 0, eos_id: int = 1) -> dict:
         "relative_attention_max_distance": c.relative_max_distance,
         "tie_word_embeddings": c.tie_embeddings,
         "scale_decoder_outputs": c.rescale_tied_logits,
-        "pad_token_id": pad_id,
-        "eos_token_id": eos_id,
-        "decoder_start_token_id": pad_id,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
         "is_encoder_decoder": True,
     }
 
