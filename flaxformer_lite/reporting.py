@@ -24,7 +24,8 @@ class QuietLibraries:
     Their plain warnings are still shown; our own one-line errors say what failed.
     """
 
-    NOISY = ("orbax", "tensorflow_datasets", "grain", "etils")
+    # asyncio: "Task exception was never retrieved" for each of orbax's failed writes (a full disk).
+    NOISY = ("orbax", "tensorflow_datasets", "grain", "etils", "asyncio")
 
     def filter(self, record) -> bool:
         if record.name == BACKGROUND_LOGGER:  # errors of threads and finalizers while a script exits
