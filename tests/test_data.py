@@ -351,3 +351,13 @@ def test_fuzz_text_to_batches_never_crashes_or_loses_tokens(sp, pairs, pack):
     for name in ("inputs", "targets"):
         assert sorted(_sequences(batches, name)) == sorted(tuple(ex[name]) for ex in kept)
     assert tok.stats.empty == len(source) - len(kept)
+
+
+def test_training_texts_are_every_distinct_train_text_once(en_de):
+    train = en_de["train"]
+    everything = [str(train[i][f], "utf-8") for i in range(len(train)) for f in ("en", "de")]
+    assert len(set(everything)) < len(everything)  # every version pairing repeats each verse
+    for source in (train, [train[i] for i in range(len(train))]):  # chunked reads and a plain list
+        texts = list(datasets.training_texts(source, ["en", "de"], chunk=7))
+        assert len(texts) == len(set(texts))
+        assert set(texts) == set(everything)

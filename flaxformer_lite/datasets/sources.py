@@ -98,10 +98,26 @@ def _builder(name: str, data_dir: str, manual_dir: str | None = None, **builder_
         ) from e
 
 
-def training_texts(source, features: list[str], max_examples: int = 2_000_000):
-    """Texts of the given features for tokenizer training (pass the *train* split only)."""
-    for i in range(min(len(source), max_examples)):
-        example = source[i]
-        for feature in features:
-            value = example[feature]
-            yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def training_texts(source, features: list[str], max_examples: int = 2_000_000, chunk: int = 8192):
+    """Distinct texts of the given features for tokenizer training (pass the *train* split only).
+
+    Each text once: a corpus of aligned versions (every source version paired with every target
+    version) repeats each sentence once per pairing, which would only slow SentencePiece down.
+    Read `chunk` examples at a time (`__getitems__`: several times faster than one by one).
+    """
+    seen = set()
+    n = min(len(source), max_examples)
+    for start in range(0, n, chunk):
+        indices = list(range(start, min(start + chunk, n)))
+        examples = (
+            source.__getitems__(indices)
+            if hasattr(source, "__getitems__")
+            else map(source.__getitem__, indices)
+        )
+        for example in examples:
+            for feature in features:
+                value = example[feature]
+                text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+                if text not in seen:
+                    seen.add(text)
+                    yield text
