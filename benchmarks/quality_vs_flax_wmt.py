@@ -49,6 +49,7 @@ flags.DEFINE_float("attention_dropout", 0.1, "The example's default attention dr
 flags.DEFINE_integer("beam_size", 4, "The example's beam size.")
 flags.DEFINE_string("split", "test", "Split evaluated at the end (validation for any tuning).")
 flags.DEFINE_integer("log_every", 50, "Steps between training-loss records.")
+flags.DEFINE_string("ours", "", "eval.py's JSON for our model on the same split (side by side).")
 flags.DEFINE_string("output_dir", None, "Where the loss curve, hypotheses and JSON summary go.")
 flags.mark_flags_as_required(["workdir", "output_dir"])
 FLAGS = flags.FLAGS
@@ -209,7 +210,7 @@ def main(argv):
     params = jax.tree.map(lambda x: x[0], state.params)
 
     # Our evaluation with the example's decode: the same sources, trimming, references and sacreBLEU.
-    max_decode = c.max_decode_length
+    max_decode = c.max_decode_length + 1  # its beam search writes a leading 0 that predict_step drops
 
     @jax.jit
     def predict(params, inputs):
@@ -220,7 +221,8 @@ def main(argv):
 
     result = evaluation.evaluate_bleu(
         None, params, exp.tokenizer, exp.data.open(FLAGS.split), exp.data.keys, max_examples=0,
-        max_length=length, max_decode_length=max_decode, batch_size=batch, mesh=exp.mesh, decode_fn=predict,
+        max_length=length, max_decode_length=c.max_decode_length, batch_size=batch, mesh=exp.mesh,
+        decode_fn=predict,
     )  # fmt: skip
     p_eval_step = jax.pmap(functools.partial(train.eval_step, config=eval_cfg), axis_name="batch")
     nll = den = 0.0
@@ -243,6 +245,11 @@ def main(argv):
         "train_pairs_kept": kept, "train_pairs": len(pairs), "perplexity": metrics.perplexity(nll, den),
         "tokens": den, **result, "curve": curve, "command": " ".join(sys.argv),
     }  # fmt: skip
+    if FLAGS.ours:
+        with open(FLAGS.ours) as f:
+            ours_eval = json.load(f)
+        keys = ("bleu", "chrf", "bleu_per_reference", "perplexity", "repeated_3gram_share", "checkpoint_step")
+        summary["ours"] = {k: ours_eval[k] for k in keys}
     with open(f"{prefix}.json", "w") as f:
         json.dump(summary, f, indent=1)
     print(

@@ -14,7 +14,8 @@
    `lr_decay_iters`) fills --budget_s, as our num_train_steps fills ours.
 3. Its final `ckpt.pt` is scored as our eval.py scores ours: every document of the split on its
    own (nanoGPT sees EOS before it, ours its BOS), the same target ids (ids + EOS, trimmed to
-   max_length), token-level perplexity. The token count is checked equal to ours.
+   max_length), token-level perplexity. With --ours=<eval.py's JSON> the token count is checked
+   equal to ours and both sides land in one summary.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ flags.DEFINE_multi_string(
     "nanoGPT train.py flags (key=value) of the anchor's recipe.",
 )
 flags.DEFINE_string("split", "validation", "Split scored at the end.")
+flags.DEFINE_string("ours", "", "eval.py's JSON for our model on the same split (side by side).")
 flags.DEFINE_string("output_dir", None, "nanoGPT's data/, out/ and logs, and the JSON summary.")
 flags.mark_flags_as_required(["workdir", "output_dir"])
 FLAGS = flags.FLAGS
@@ -170,6 +172,14 @@ def main(argv):
         "max_iters": iters, "seconds_per_iter": per_iter, "recipe": FLAGS.recipe, "nll": nll / count,
         "perplexity": metrics.perplexity(nll, count), "tokens": count, "command": " ".join(sys.argv),
     }  # fmt: skip
+    if FLAGS.ours:
+        with open(FLAGS.ours) as f:
+            ours = json.load(f)
+        if ours["tokens"] != count:
+            raise SystemExit(
+                f"{FLAGS.ours} scored {ours['tokens']} tokens, nanoGPT {count}: not the same targets"
+            )
+        summary["ours"] = {k: ours[k] for k in ("perplexity", "nll", "tokens", "checkpoint_step")}
     with open(os.path.join(out, f"nanogpt.{FLAGS.split}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(
