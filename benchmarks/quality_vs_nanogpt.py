@@ -43,6 +43,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("workdir", None, "Our trained workdir: its spm.model and prepared data are reused.")
 flags.DEFINE_float("budget_s", 300.0, "Wall-clock seconds for nanoGPT's train.py (start to exit).")
+flags.DEFINE_integer(
+    "max_iters", 0, "Train this many iterations instead of filling --budget_s (equal steps, not time)."
+)
 flags.DEFINE_multi_string(
     "recipe",
     # nanoGPT's recipe for small models (config/train_shakespeare_char.py: "baby networks can afford
@@ -128,6 +131,10 @@ def main(argv):
     out = os.path.abspath(FLAGS.output_dir)
     data_dir = os.path.join(out, "data", "ours")
     os.makedirs(data_dir, exist_ok=True)
+    # nanoGPT's train.py reads ./configurator.py and ./data/<dataset>/ from its working directory (out).
+    link = os.path.join(out, "configurator.py")
+    if not os.path.lexists(link):
+        os.symlink(os.path.join(os.path.abspath(FLAGS.nanogpt_dir), "configurator.py"), link)
     vocab = exp.tokenizer.get_piece_size()
     assert vocab < 2**16, "nanoGPT's .bin files are uint16"
     for split, name in ((c.train_split, "train"), (c.eval_split, "val")):
@@ -152,7 +159,7 @@ def main(argv):
     )  # fmt: skip
     per_iter = statistics.median(times[5:]) / 1000
     overhead = calib_s - sum(times) / 1000  # start-up, data, the evaluation at iteration 0
-    iters = int((FLAGS.budget_s - overhead) / per_iter)
+    iters = FLAGS.max_iters or int((FLAGS.budget_s - overhead) / per_iter)
     logging.info(
         "nanoGPT: %.3f s/iter, %.0f s overhead -> max_iters=%d for %.0f s",
         per_iter,

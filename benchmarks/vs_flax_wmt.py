@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import glob
 import importlib.util
 import os
 import re
@@ -48,6 +49,12 @@ flags.DEFINE_integer("new_tokens", 64, "Tokens decoded per sentence.")
 flags.DEFINE_bool("decode", True, "Also time beam-4 and greedy decoding.")
 flags.DEFINE_float("dropout", 0.1, "Residual/embedding dropout rate on both sides.")
 flags.DEFINE_bool("hlo_stats", False, "Print each train step's XLA cost analysis and op counts, then stop.")
+flags.DEFINE_string(
+    "profile",
+    "",
+    "Trace `iters` train steps per side with jax.profiler into this folder, print the time "
+    "per compiled op (from the trace's thunk events), then stop.",
+)
 flags.DEFINE_multi_string("set", [], "Overrides of our model fields, e.g. --set=scan_layers=True.")
 FLAGS = flags.FLAGS
 
@@ -186,12 +193,55 @@ def our_fns(d, heads, ff, layers, vocab, batch, length):
     return train, decoders
 
 
+def op_profile(train, folder: str, steps: int) -> dict:
+    """Milliseconds per train step by XLA op (`hlo_op` of the CPU thunk events) from a jax.profiler trace."""
+    jax.block_until_ready(train())  # compiled and warm
+    before = set(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))
+    with jax.profiler.trace(folder):
+        for _ in range(steps):
+            jax.block_until_ready(train())
+    (path,) = set(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)) - before
+    per_op = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            for event in line.events:
+                op = dict(event.stats).get("hlo_op")
+                if op:
+                    per_op[op] += event.duration_ns / 1e6 / steps
+    return per_op
+
+
+def op_kind(op: str) -> str:
+    """A coarse class of a compiled op's name, for the per-kind totals of --profile."""
+    for kind, pattern in (
+        ("matmul", r"dot|ynn|gemm|convolution"), ("reduce", r"reduce"),
+        ("random", r"threefry|rng|random"), ("copy/transpose", r"copy|transpose|slice|concatenate|pad"),
+        ("fusion (elementwise)", r"fusion"),
+    ):  # fmt: skip
+        if re.search(pattern, op):
+            return kind
+    return "other"
+
+
 def main(argv):
     del argv
     shape = SHAPES[FLAGS.shape]
     d, heads, ff, layers, vocab, batch, length = shape
     # One CPU device for both sides (the tests' 8 fake devices would split only ours).
     sides = {"example": anchor_fns(*shape), "ours": our_fns(*shape)}
+    if FLAGS.profile:
+        for side, (train, _) in sides.items():
+            per_op = op_profile(train, os.path.join(FLAGS.profile, side), FLAGS.iters)
+            kinds = collections.Counter()
+            for op, ms in per_op.items():
+                kinds[op_kind(op)] += ms
+            report(
+                "vs_flax_wmt_profile", side=side, shape=FLAGS.shape,
+                op_ms_per_step=round(sum(per_op.values()), 1),
+                by_kind={k: round(v, 1) for k, v in kinds.most_common()},
+                top_ops={k: round(v, 2) for k, v in per_op.most_common(25)},
+            )  # fmt: skip
+        return
     if FLAGS.hlo_stats:
         for side, (train, _) in sides.items():
             compiled = train.compiled()
