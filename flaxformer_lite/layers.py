@@ -93,6 +93,19 @@ class Norm(nn.Module):
         return ops.layer_norm(x, scale, bias, cfg.norm_eps)
 
 
+class Dropout(nn.Module):
+    """`ops.dropout` (16 random bits per element) with the "dropout" rng; identity when deterministic."""
+
+    rate: float
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        return ops.dropout(x, self.rate, self.make_rng("dropout"))
+
+
 class Embed(nn.Module):
     """A [num_embeddings, d_model] table; `attend` gives logits through its transpose (tying)."""
 
@@ -314,7 +327,7 @@ def relative_table(module: nn.Module, cfg: ModelConfig) -> Array:
 
 def residual(cfg: ModelConfig, fn, x: Array, norm_name: str) -> Array:
     """Pre-LN `x + drop(fn(norm(x)))` or post-LN `norm(x + drop(fn(x)))`, by config.pre_norm."""
-    drop = nn.Dropout(cfg.dropout_rate, deterministic=cfg.deterministic)
+    drop = Dropout(cfg.dropout_rate, cfg.deterministic)
     if cfg.pre_norm:
         return x + drop(fn(Norm(cfg, name=norm_name)(x)))
     return Norm(cfg, name=norm_name)(x + drop(fn(x)))

@@ -15,6 +15,7 @@ from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.layers import (
     DecoderLayer,
+    Dropout,
     Embed,
     EncoderLayer,
     Norm,
@@ -56,7 +57,7 @@ class _Positions(nn.Module):
             x = x + jnp.take(jnp.asarray(table, x.dtype), positions, axis=0)
         if cfg.embedding_norm:
             x = Norm(cfg, name="embedding_norm")(x)
-        return nn.Dropout(cfg.dropout_rate, deterministic=cfg.deterministic)(x)
+        return Dropout(cfg.dropout_rate, cfg.deterministic)(x)
 
 
 class Encoder(nn.Module):

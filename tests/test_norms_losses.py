@@ -90,3 +90,36 @@ def test_token_losses_values_and_gradient_match_numpy(smoothing):
     p = np.exp(lp)
     want = w[..., None] * ((p - soft) + 0.3 * (p - onehot))
     np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.5])
+def test_dropout_keep_rate_scale_and_independence(rate):
+    x = jnp.full((64, 129, 33), 2.0, jnp.float32)  # odd last axis: the bit-halving pads and trims
+    out = np.asarray(ops.dropout(x, rate, jax.random.key(0)))
+    kept = out != 0
+    n, keep = kept.size, 1.0 - rate
+    # Binomial(n, keep): the kept share is within 5 standard deviations of 1 - rate.
+    assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * rate / n)
+    # Kept values are x / q for the realised q (1 - rate to 2^-16), so E[out] = x.
+    q = round(keep * 65536) / 65536
+    np.testing.assert_allclose(out[kept], 2.0 / q, rtol=1e-6)
+    assert abs(q - keep) <= 2.0**-17
+    # Neighbours along the last axis (two halves of one 32-bit draw) are uncorrelated.
+    left, right = kept[..., :-1].ravel().astype(float), kept[..., 1:].ravel().astype(float)
+    assert abs(np.corrcoef(left, right)[0, 1]) < 5 / np.sqrt(left.size)
+    # Seeded: the same key gives the same mask, another key a different one.
+    np.testing.assert_array_equal(out, ops.dropout(x, rate, jax.random.key(0)))
+    assert (np.asarray(ops.dropout(x, rate, jax.random.key(1))) != out).any()
+
+
+def test_dropout_edge_rates_and_gradient():
+    x = jnp.arange(1.0, 7.0).reshape(2, 3)
+    np.testing.assert_array_equal(ops.dropout(x, 0.0, jax.random.key(0)), x)
+    np.testing.assert_array_equal(ops.dropout(x, 1.0, jax.random.key(0)), np.zeros((2, 3)))
+    assert ops.dropout(jnp.asarray(3.0), 0.5, jax.random.key(0)).shape == ()
+    assert ops.dropout(x.astype(jnp.bfloat16), 0.5, jax.random.key(0)).dtype == jnp.bfloat16
+    # d out / d x is the mask over q: the same zeros, kept entries scaled by 1 / q.
+    key = jax.random.key(5)
+    grad = jax.grad(lambda v: ops.dropout(v, 0.5, key).sum())(x)
+    mask = np.asarray(ops.dropout(jnp.ones_like(x), 0.5, key))
+    np.testing.assert_allclose(grad, mask)

@@ -4,6 +4,7 @@ Distinct prime sizes (B=2, T=3, S=5, N=6 query heads over K=2 kv heads, H=7) so 
 annotation naming the wrong axis, or an op fed swapped axes, cannot pass.
 """
 
+import jax
 import jax.numpy as jnp
 import pytest
 from beartype import beartype
@@ -45,6 +46,7 @@ def test_mask_position_norm_and_loss_annotations():
     assert checked(ops.layer_norm)(x, jnp.ones(H), jnp.zeros(H)).shape == x.shape
     with pytest.raises(TypeCheckError):
         checked(ops.rms_norm)(x, jnp.ones(H + 1))
+    assert checked(ops.dropout)(x, 0.5, jax.random.key(0)).shape == x.shape
     logits, targets = jnp.zeros((B, T, V)), jnp.zeros((B, T), jnp.int32)
     total, denom = checked(ops.cross_entropy)(logits, targets, jnp.ones((B, T)), 0.1)
     assert total.shape == denom.shape == ()

@@ -12,6 +12,7 @@ from flaxformer_lite.ops.attention import (
     segment_mask,
     sliding_window_mask,
 )
+from flaxformer_lite.ops.dropout import dropout
 from flaxformer_lite.ops.fused import segment_layout
 from flaxformer_lite.ops.losses import accuracy, cross_entropy, token_losses
 from flaxformer_lite.ops.norms import layer_norm, rms_norm
@@ -39,6 +40,7 @@ __all__ = [
     "combine_masks",
     "cross_entropy",
     "dot_product_attention",
+    "dropout",
     "gated",
     "layer_norm",
     "padding_mask",

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Bool, Float, Int
 
 from flaxformer_lite.ops import fused
+from flaxformer_lite.ops.dropout import dropout as _dropout
 
 Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in tests
 
@@ -128,8 +129,7 @@ def _grouped_attention(
         logits = jnp.where(_group_heads(mask, K, G), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+        probs = _dropout(probs, dropout_rate, dropout_rng)
     out = jnp.einsum(f"bkgts,{v_layout}->btkgh", probs.astype(v.dtype), v)
     return out.reshape(B, T, N, H)
 
