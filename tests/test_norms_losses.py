@@ -123,3 +123,21 @@ def test_dropout_edge_rates_and_gradient():
     grad = jax.grad(lambda v: ops.dropout(v, 0.5, key).sum())(x)
     mask = np.asarray(ops.dropout(jnp.ones_like(x), 0.5, key))
     np.testing.assert_allclose(grad, mask)
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0, 1000.0])
+def test_layer_norm_is_accurate_for_rows_far_from_zero(offset):
+    # A one-pass E[x^2] - E[x]^2 loses ~offset^2 / var * 2^-24 to cancellation (0.3 at offset 1000);
+    # the shifted one-pass form must stay as close to float64 as a two-pass float32 computation.
+    x = np.asarray(jax.random.normal(jax.random.key(0), (64, 512)), np.float64) * 2 + offset
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    got = ops.layer_norm(jnp.asarray(x, jnp.float32), jnp.ones(512), jnp.zeros(512))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    g = jax.grad(lambda v: jnp.sum(ops.layer_norm(v, jnp.ones(512), jnp.zeros(512)) @ jnp.arange(512.0)))(
+        jnp.asarray(x, jnp.float32)
+    )
+    # d/dx of sum(w * xhat) = (w - mean(w) - xhat * mean(w * xhat)) / sigma, in float64.
+    w = np.arange(512.0)
+    xhat, sigma = want, np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    grad_want = (w - w.mean() - xhat * (w * xhat).mean(-1, keepdims=True)) / sigma
+    np.testing.assert_allclose(g, grad_want, atol=1e-2 * np.abs(grad_want).max())
