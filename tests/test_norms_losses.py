@@ -118,11 +118,11 @@ def test_dropout_edge_rates_and_gradient():
     np.testing.assert_array_equal(ops.dropout(x, 1.0, jax.random.key(0)), np.zeros((2, 3)))
     assert ops.dropout(jnp.asarray(3.0), 0.5, jax.random.key(0)).shape == ()
     assert ops.dropout(x.astype(jnp.bfloat16), 0.5, jax.random.key(0)).dtype == jnp.bfloat16
-    # d out / d x is the mask over q: the same zeros, kept entries scaled by 1 / q.
+    # d out / d x is 1 / q (q = 0.5 exactly at rate 0.5) where the forward kept x, 0 where it dropped it.
     key = jax.random.key(5)
     grad = jax.grad(lambda v: ops.dropout(v, 0.5, key).sum())(x)
-    mask = np.asarray(ops.dropout(jnp.ones_like(x), 0.5, key))
-    np.testing.assert_allclose(grad, mask)
+    kept = np.asarray(ops.dropout(x, 0.5, key)) != 0  # x has no zeros
+    np.testing.assert_array_equal(grad, np.where(kept, 2.0, 0.0))
 
 
 @pytest.mark.parametrize("offset", [0.0, 100.0, 1000.0])

@@ -11,29 +11,24 @@ Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in te
 _LEVELS = 1 << 16
 
 
-def keep_probability(rate: float) -> float:
-    """The keep probability `dropout` realises: 1 - rate rounded to a multiple of 2^-16."""
-    return round((1.0 - rate) * _LEVELS) / _LEVELS
-
-
 def dropout(x: Float[Array, "*shape"], rate: float, rng: Array) -> Float[Array, "*shape"]:
     """Zero each element with probability ~rate and scale the rest by 1 / keep, any shape.
 
     Each element compares 16 random bits with a threshold, so one uint32 draw serves two elements;
-    `jax.random.bernoulli` draws 32 bits per element. The keep probability is `keep_probability(rate)`
-    (within 2^-17 of 1 - rate) and kept elements are divided by exactly that, so E[out] = x. The
-    bits are drawn in the shape of x with the last axis halved (leading axes unchanged, so a
-    sharded batch draws its own bits where it lives).
+    `jax.random.bernoulli` draws 32 bits per element. The keep probability is 1 - rate rounded to a
+    multiple of 2^-16 (within 2^-17 of 1 - rate) and kept elements are divided by exactly that, so
+    E[out] = x. The bits are drawn in the shape of x with the last axis halved (leading axes
+    unchanged, so a sharded batch draws its own bits where it lives).
     """
-    keep = keep_probability(rate)
-    if keep >= 1.0:
+    threshold = round((1.0 - rate) * _LEVELS)  # 16-bit draws below it keep their element
+    if threshold >= _LEVELS:
         return x
-    if keep <= 0.0:
+    if threshold <= 0:
         return jnp.zeros_like(x)
+    keep = threshold / _LEVELS
     shape = x.shape if x.ndim else (1,)
     last = shape[-1]
     words = jax.random.bits(rng, shape[:-1] + ((last + 1) // 2,), jnp.uint32)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., ceil(D/2), 2]
     halves = halves.reshape(shape[:-1] + (2 * words.shape[-1],))[..., :last].reshape(x.shape)
-    threshold = jnp.uint16(round(keep * _LEVELS))
-    return jnp.where(halves < threshold, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+    return jnp.where(halves < jnp.uint16(threshold), x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
