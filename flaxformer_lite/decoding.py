@@ -78,17 +78,16 @@ def sample(
 def translation_step_fn(model, params, inputs: jax.Array, max_len: int, beams: int = 1):
     """(step_fn, cache) for an EncoderDecoder: encode once, project cross-attention K/V once.
 
-    With beams > 1 the encoder output is repeated per beam before the cache is built, so the
-    cache has batch * beams rows (beam search layout) while the encoder ran once per source.
+    With beams > 1 the self-attention caches have batch * beams rows (beam search layout), while
+    the encoder runs and the cross-attention keys and values are projected once per source: the
+    beams of a source share its cross-attention cache row.
     """
     decoder = variant(model, decode=True, deterministic=True)
     encoded = decoder.apply({"params": params}, inputs, method="encode")
-    if beams > 1:
-        encoded, inputs = tile_beams(encoded, beams), tile_beams(inputs, beams)
     _, state = decoder.apply(
         {"params": params},
         encoded,
-        jnp.zeros((inputs.shape[0], max_len), jnp.int32),
+        jnp.zeros((inputs.shape[0] * beams, max_len), jnp.int32),
         inputs=inputs,
         method="decode",
         mutable=["cache"],
@@ -157,22 +156,21 @@ def length_penalty(length, alpha: float, kind: str = "gnmt"):
 
 
 def _gather_beams(tree, beam_indices, batch: int, beams: int):
-    """Reorder every cache leaf whose batch axis (0, or 1 under nn.scan) has batch * beams rows.
+    """Reorder the self-attention cache rows (batch * beams on axis 0, or 1 under nn.scan).
 
-    Cross-attention keys, values and segment ids are skipped: they were projected once from the
-    tiled encoder output, so all beams of a row hold the same ones and reordering is a no-op
-    (the largest leaves of the cache, copied every step for nothing otherwise).
+    Cross-attention caches hold one row per source, shared by its beams (see
+    `translation_step_fn`), so they are never reordered.
     """
     flat = (jnp.arange(batch)[:, None] * beams + beam_indices).reshape(-1)  # [B*K] source rows
 
     def gather(path, x):
-        if any(getattr(key, "key", None) == "cross_attention" for key in path):
+        keys = [getattr(key, "key", None) for key in path]
+        if "cross_attention" in keys or x.ndim == 0:
             return x
-        if x.ndim >= 1 and x.shape[0] == batch * beams:
-            return x[flat]
-        if x.ndim >= 2 and x.shape[1] == batch * beams:  # layer-stacked cache (scan)
-            return x[:, flat]
-        return x
+        axis = 1 if "layers" in keys else 0  # run_layers names the scanned stack "layers"
+        if x.ndim <= axis or x.shape[axis] != batch * beams:
+            return x  # the cache index
+        return jnp.take(x, flat, axis=axis)
 
     return jax.tree_util.tree_map_with_path(gather, tree)
 
@@ -192,9 +190,9 @@ def beam_search(
 ) -> tuple[jax.Array, jax.Array]:
     """Beam search with a length penalty: -> ([B, beams, max_len] ids, [B, beams] scores).
 
-    `cache` must already be tiled to batch * beams rows (see `tile_beams`). A hypothesis ends at
-    EOS and scores log P / length_penalty(length incl. EOS, alpha, penalty). Returns beams sorted
-    best first.
+    Each self-attention cache in `cache` holds batch * beams rows, beams of a source adjacent
+    (see `translation_step_fn`). A hypothesis ends at EOS and scores
+    log P / length_penalty(length incl. EOS, alpha, penalty). Returns beams sorted best first.
 
     penalty "gnmt" (Flax example, T2T): any of the 2K candidates may end; `max_lengths` [B] forces
     EOS at a per-example length (e.g. relative to the source); a row stops once no live beam can
@@ -284,11 +282,6 @@ def beam_search(
     seqs = jnp.where(s["fin_any"][:, None, None], s["fin"], s["live"])
     scores = jnp.where(s["fin_any"][:, None], s["fin_score"], live_score)
     return seqs, scores
-
-
-def tile_beams(x: jax.Array, beams: int) -> jax.Array:
-    """[B, ...] -> [B*beams, ...], each row repeated `beams` times in place."""
-    return jnp.repeat(x, beams, axis=0)
 
 
 def translate_beam(

@@ -192,9 +192,15 @@ class MultiHeadAttention(nn.Module):
                 q_segment_ids = segment_ids
                 if q_segment_ids is None:  # unpacked: every query belongs to sequence 1
                     q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+            # Beam search keeps one cross cache row per source: its beams' queries join that row
+            # as extra query steps (no copies of the encoder output; [G, S] matmuls, not matvecs).
+            rows, q_shape = k.shape[0], q.shape
+            q = q.reshape(rows, -1, N, H)
+            if q_segment_ids is not None:
+                q_segment_ids = q_segment_ids.reshape(rows, -1)
             if cached:  # decoding: keys and values from the head-major cache
                 mask = ops.segment_mask(q_segment_ids, kv_segment_ids)
-                out = ops.cached_attention(q, k, v, mask=mask, scale=self._scale)
+                out = ops.cached_attention(q, k, v, mask=mask, scale=self._scale).reshape(q_shape)
                 return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
         else:
             k, v = key(x), value(x)  # [B, T, K, H]
@@ -232,7 +238,7 @@ class MultiHeadAttention(nn.Module):
             dropout_rng=dropout_rng,
             implementation=cfg.attention_impl,
             scale=self._scale,
-        )  # [B, T, N, H]
+        ).reshape(x.shape[:2] + (N, H))  # [B, T, N, H]
         return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
 
     @property

@@ -144,3 +144,29 @@ def test_cached_translation_equals_recomputing_the_full_forward():
         logits = forward(params, src, jnp.asarray(dec_in))
         dec_in[:, i + 1] = np.argmax(logits[:, i], -1)
     np.testing.assert_array_equal(got, dec_in[:, 1:])
+
+
+@pytest.mark.parametrize("scan, batch", [(False, 3), (True, 1)])  # scan: 2 layers = batch x beams
+def test_beam_scores_equal_full_forward_log_probs(scan, batch):
+    """Every returned hypothesis scores the log P the uncached model gives it (alpha 0).
+
+    A self-attention cache reordered wrongly, or a beam reading another source's cross-attention
+    row, changes the scores. With scan_layers the layer axis (2) equals batch * beams (2).
+    """
+    cfg = fl.tiny(vocab_size=31, position="sinusoidal", scan_layers=scan)
+    model = fl.EncoderDecoder(cfg)
+    src = jax.random.randint(jax.random.key(3), (batch, 6), 2, 31)
+    if batch > 1:
+        src = src.at[1, 3:].set(0)
+    params = nn.unbox(model.init(jax.random.key(0), src, src)["params"])
+    step_fn, cache = decoding.translation_step_fn(model, params, src, 6, beams=2)
+    seqs, scores = jax.jit(lambda c: decoding.beam_search(step_fn, c, batch, 2, 6, alpha=0.0))(cache)
+    forward = jax.jit(lambda x, y: jax.nn.log_softmax(model.apply({"params": params}, x, y)))
+    for b in range(batch):
+        for k in range(2):
+            seq = np.asarray(seqs[b, k])
+            n = list(seq).index(EOS_ID) + 1  # the limit forces EOS by the last step
+            dec_in = np.concatenate([[0], seq[:-1]])[None]
+            logp = np.asarray(forward(src[b : b + 1], jnp.asarray(dec_in)))[0]
+            want = sum(logp[t, seq[t]] for t in range(n))
+            np.testing.assert_allclose(scores[b, k], want, rtol=1e-5, atol=1e-5)
