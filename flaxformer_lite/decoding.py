@@ -11,7 +11,37 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite.ids import EOS_ID, PAD_ID
+from flaxformer_lite.layers import resize_self_attention_cache
 from flaxformer_lite.models import variant
+
+STAGED_STEPS = 32  # decoding loops at least this long grow their self-attention cache in stages
+
+
+def _self_attention_slots(cache) -> int | None:
+    """Slots of the self-attention caches in a "cache" collection (None if it has none)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(cache):
+        keys = [getattr(key, "key", None) for key in path]
+        if keys[-1] == "cached_valid" and "cross_attention" not in keys:
+            return x.shape[-1]
+    return None
+
+
+def _while_in_stages(cond, body, carry: dict, steps: int) -> dict:
+    """`jax.lax.while_loop(cond, body, carry)` for at most `steps` steps (carry["i"] counts them).
+
+    Loops of `STAGED_STEPS` or more run in three stages (to 1/4, 1/2 and all of the steps), each
+    over a self-attention cache cut to the slots it can have written (any prompt's, then the
+    steps'). Attention and the beam reorder then read about 30% fewer cached keys and values
+    over the loop, at the price of compiling the body three times.
+    """
+    slots = _self_attention_slots(carry["cache"])
+    if slots is None or steps < STAGED_STEPS:
+        return jax.lax.while_loop(cond, body, carry)
+    prompt = slots - steps
+    for end in (steps // 4, steps // 2, steps):
+        carry = {**carry, "cache": resize_self_attention_cache(carry["cache"], prompt + end)}
+        carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c["i"] < end), body, carry)
+    return carry
 
 
 def _filter_logits(logits, top_k: int, top_p: float):
@@ -53,26 +83,25 @@ def sample(
         logits = _filter_logits(logits / temperature, top_k, top_p)
         return jax.random.categorical(key, logits, axis=-1)
 
-    def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_len) & ~jnp.all(done)
+    def cond(c):
+        return (c["i"] < max_len) & ~jnp.all(c["done"])
 
-    def body(carry):
-        i, tokens, cur, done, cache = carry
-        logits, cache = step_fn(cur[:, None], cache)
+    def body(c):
+        i = c["i"]
+        logits, cache = step_fn(c["last"][:, None], c["cache"])
         nxt = choose(logits, jax.random.fold_in(rng, i)).astype(jnp.int32)
-        nxt = jnp.where(done, PAD_ID, nxt)
-        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i))
-        return i + 1, tokens, nxt, done | (nxt == eos_id), cache
+        nxt = jnp.where(c["done"], PAD_ID, nxt)
+        tokens = jax.lax.dynamic_update_slice(c["tokens"], nxt[:, None], (0, i))
+        return dict(i=i + 1, tokens=tokens, last=nxt, done=c["done"] | (nxt == eos_id), cache=cache)
 
-    init = (
-        jnp.int32(0),
-        jnp.full((B, max_len), PAD_ID, jnp.int32),
-        first_tokens.astype(jnp.int32),
-        jnp.zeros((B,), bool),
-        cache,
+    init = dict(
+        i=jnp.int32(0),
+        tokens=jnp.full((B, max_len), PAD_ID, jnp.int32),
+        last=first_tokens.astype(jnp.int32),
+        done=jnp.zeros((B,), bool),
+        cache=cache,
     )
-    return jax.lax.while_loop(cond, body, init)[1]
+    return _while_in_stages(cond, body, init, max_len)["tokens"]
 
 
 def translation_step_fn(model, params, inputs: jax.Array, max_len: int, beams: int = 1):
@@ -276,7 +305,7 @@ def beam_search(
             done=done,
         )
 
-    s = jax.lax.while_loop(cond, body, init)
+    s = _while_in_stages(cond, body, init, max_len)
     # Rows that never finished fall back to their live beams (scored with the same penalty).
     live_score = s["live_logp"] / length_penalty(jnp.float32(max_len), alpha, penalty)
     seqs = jnp.where(s["fin_any"][:, None, None], s["fin"], s["live"])

@@ -325,6 +325,33 @@ class MultiHeadAttention(nn.Module):
         )
 
 
+# Slot axis of each self-attention cache leaf (negative: the same under nn.scan's layer axis).
+_CACHE_SLOT_AXIS = {"cached_key": -1, "cached_value": -2, "cached_valid": -1}
+
+
+def resize_self_attention_cache(cache, slots: int):
+    """The "cache" collection with every self-attention cache cut or zero-padded to `slots` slots.
+
+    Attention reads the slot count from the cache's shape, so a decoding loop can run its early
+    steps over a short cache (the slots written so far) and grow it later. Cross-attention
+    caches (the encoder output) keep their length.
+    """
+
+    def resize(path, x):
+        keys = [getattr(key, "key", None) for key in path]
+        axis = _CACHE_SLOT_AXIS.get(keys[-1])
+        if axis is None or "cross_attention" in keys:
+            return x
+        axis %= x.ndim
+        if slots <= x.shape[axis]:
+            return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, slots - x.shape[axis])
+        return jnp.pad(x, pad)
+
+    return jax.tree_util.tree_map_with_path(resize, cache)
+
+
 def relative_table(module: nn.Module, cfg: ModelConfig) -> Array:
     """A [relative_buckets, num_heads] relative-position bias table, a param of `module`."""
     init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (BUCKETS, HEADS))

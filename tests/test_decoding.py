@@ -83,7 +83,7 @@ def test_max_lengths_force_eos():
 
 
 def _tiny_translation():
-    cfg = fl.tiny(vocab_size=31, position="sinusoidal")
+    cfg = fl.tiny(vocab_size=31, position="sinusoidal", max_len=64)
     model = fl.EncoderDecoder(cfg)
     src = jax.random.randint(jax.random.key(1), (3, 6), 2, 31).at[2, 4:].set(0)
     params = nn.unbox(model.init(jax.random.key(0), src, src)["params"])
@@ -117,56 +117,66 @@ def test_top_p_keeps_the_smallest_nucleus():
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)  # renormalised 0.5/0.8, 0.3/0.8
 
 
-def test_cached_lm_generation_equals_recomputing_the_full_forward():
-    cfg = fl.tiny(vocab_size=31, position="rope", pre_norm=True, max_len=16)
+@pytest.mark.parametrize("steps", [6, decoding.STAGED_STEPS])  # the second in stages, after a prompt
+def test_cached_lm_generation_equals_recomputing_the_full_forward(steps):
+    cfg = fl.tiny(vocab_size=31, position="rope", pre_norm=True, max_len=48)
     model = fl.DecoderOnly(cfg)
     prompt = jax.random.randint(jax.random.key(2), (2, 4), 2, 31)
     params = nn.unbox(model.init(jax.random.key(0), prompt)["params"])
-    got = jax.jit(lambda p, x: decoding.lm_generate(model, p, x, 6, eos_id=-1))(params, prompt)
+    got = jax.jit(lambda p, x: decoding.lm_generate(model, p, x, steps, eos_id=-1))(params, prompt)
     full = fl.DecoderOnly(cfg.replace(deterministic=True))
     forward = jax.jit(lambda p, x: full.apply({"params": p}, x))  # one shape: compiled once
     # No cache: run the whole sequence again for every new token. Row = [0, prompt, new..., 0 pad];
     # causal attention keeps the trailing pad from changing earlier positions.
-    seq = np.zeros((2, 1 + 4 + 6), np.int32)
+    seq = np.zeros((2, 1 + 4 + steps), np.int32)
     seq[:, 1:5] = np.asarray(prompt)
-    for i in range(6):
+    for i in range(steps):
         logits = forward(params, jnp.asarray(seq))
         seq[:, 5 + i] = np.argmax(logits[:, 4 + i], -1)  # position 4 + i predicts token 5 + i
     np.testing.assert_array_equal(got, seq[:, 5:])
 
 
-def test_cached_translation_equals_recomputing_the_full_forward():
+@pytest.mark.parametrize("steps", [6, decoding.STAGED_STEPS])  # the second in stages
+def test_cached_translation_equals_recomputing_the_full_forward(steps):
     model, params, src = _tiny_translation()
-    got = jax.jit(lambda p, x: decoding.translate(model, p, x, 6, eos_id=-1))(params, src)
+    got = jax.jit(lambda p, x: decoding.translate(model, p, x, steps, eos_id=-1))(params, src)
     forward = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y))  # one shape: compiled once
-    dec_in = np.zeros((3, 7), np.int32)  # [0, new tokens..., 0 pad]: causal, the pad changes nothing
-    for i in range(6):
+    dec_in = np.zeros((3, steps + 1), np.int32)  # [0, new tokens..., 0 pad]: causal, the pad changes nothing
+    for i in range(steps):
         logits = forward(params, src, jnp.asarray(dec_in))
         dec_in[:, i + 1] = np.argmax(logits[:, i], -1)
     np.testing.assert_array_equal(got, dec_in[:, 1:])
 
 
-@pytest.mark.parametrize("scan, batch", [(False, 3), (True, 1)])  # scan: 2 layers = batch x beams
-def test_beam_scores_equal_full_forward_log_probs(scan, batch):
+@pytest.mark.parametrize(
+    "scan, batch, length",
+    [(False, 3, 6), (True, 1, 6), (False, 2, decoding.STAGED_STEPS + 8)],
+)  # scan: 2 layers = batch x beams; the last runs in stages over a growing cache
+def test_beam_scores_equal_full_forward_log_probs(scan, batch, length):
     """Every returned hypothesis scores the log P the uncached model gives it (alpha 0).
 
-    A self-attention cache reordered wrongly, or a beam reading another source's cross-attention
-    row, changes the scores. With scan_layers the layer axis (2) equals batch * beams (2).
+    A self-attention cache reordered or resized wrongly, or a beam reading another source's
+    cross-attention row, changes the scores. With scan_layers the layer axis (2) equals
+    batch * beams (2). The long case makes EOS unlikely so that every stage runs.
     """
-    cfg = fl.tiny(vocab_size=31, position="sinusoidal", scan_layers=scan)
+    cfg = fl.tiny(vocab_size=31, position="sinusoidal", scan_layers=scan, logits_bias=True, max_len=64)
     model = fl.EncoderDecoder(cfg)
     src = jax.random.randint(jax.random.key(3), (batch, 6), 2, 31)
     if batch > 1:
         src = src.at[1, 3:].set(0)
     params = nn.unbox(model.init(jax.random.key(0), src, src)["params"])
-    step_fn, cache = decoding.translation_step_fn(model, params, src, 6, beams=2)
-    seqs, scores = jax.jit(lambda c: decoding.beam_search(step_fn, c, batch, 2, 6, alpha=0.0))(cache)
+    if length > 6:
+        params["decoder"]["logits_bias"] = params["decoder"]["logits_bias"].at[EOS_ID].set(-30.0)
+    step_fn, cache = decoding.translation_step_fn(model, params, src, length, beams=2)
+    seqs, scores = jax.jit(lambda c: decoding.beam_search(step_fn, c, batch, 2, length, alpha=0.0))(cache)
     forward = jax.jit(lambda x, y: jax.nn.log_softmax(model.apply({"params": params}, x, y)))
     for b in range(batch):
         for k in range(2):
             seq = np.asarray(seqs[b, k])
             n = list(seq).index(EOS_ID) + 1  # the limit forces EOS by the last step
+            if length > 6:
+                assert n == length
             dec_in = np.concatenate([[0], seq[:-1]])[None]
             logp = np.asarray(forward(src[b : b + 1], jnp.asarray(dec_in)))[0]
             want = sum(logp[t, seq[t]] for t in range(n))
-            np.testing.assert_allclose(scores[b, k], want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(scores[b, k], want, rtol=1e-5, atol=1e-4)
