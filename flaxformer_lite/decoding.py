@@ -35,9 +35,9 @@ def _while_in_stages(cond, body, carry: dict, steps: int) -> dict:
     over the loop, at the price of compiling the body three times.
     """
     slots = _self_attention_slots(carry["cache"])
-    if slots is None or steps < STAGED_STEPS:
+    if slots is None or steps < STAGED_STEPS or slots < steps:  # slots < steps: a caller's short cache, as is
         return jax.lax.while_loop(cond, body, carry)
-    prompt = slots - steps
+    prompt = slots - steps  # slots written before the loop
     for end in (steps // 4, steps // 2, steps):
         carry = {**carry, "cache": resize_self_attention_cache(carry["cache"], prompt + end)}
         carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c["i"] < end), body, carry)
