@@ -44,7 +44,9 @@ flags.DEFINE_string(
 flags.DEFINE_string("workdir", None, "Our trained workdir: its spm.model and prepared data are reused.")
 flags.DEFINE_float("budget_s", 300.0, "Wall-clock seconds for nanoGPT's train.py (start to exit).")
 flags.DEFINE_integer(
-    "max_iters", 0, "Train this many iterations instead of filling --budget_s (equal steps, not time)."
+    "max_iters",
+    0,
+    "Train this many iterations instead of filling --budget_s (equal steps, not time; no calibration run).",
 )
 flags.DEFINE_multi_string(
     "recipe",
@@ -152,26 +154,30 @@ def main(argv):
         "--log_interval=1", "--eval_iters=10", "--always_save_checkpoint=True",
     ]  # fmt: skip
     recipe = [f"--{r}" for r in FLAGS.recipe]
-    calib_s, times = run_nanogpt(
-        shape + recipe
-        + ["--max_iters=20", "--lr_decay_iters=20", "--eval_interval=1000", f"--out_dir={out}/calib"],
-        out, os.path.join(out, "calibration.log"),
-    )  # fmt: skip
-    per_iter = statistics.median(times[5:]) / 1000
-    overhead = calib_s - sum(times) / 1000  # start-up, data, the evaluation at iteration 0
-    iters = FLAGS.max_iters or int((FLAGS.budget_s - overhead) / per_iter)
-    logging.info(
-        "nanoGPT: %.3f s/iter, %.0f s overhead -> max_iters=%d for %.0f s",
-        per_iter,
-        overhead,
-        iters,
-        FLAGS.budget_s,
-    )
-    seconds, _ = run_nanogpt(
+    iters = FLAGS.max_iters
+    if not iters:  # fill the budget: a short run measures nanoGPT's seconds per iteration first
+        calib_s, times = run_nanogpt(
+            shape + recipe
+            + ["--max_iters=20", "--lr_decay_iters=20", "--eval_interval=1000", f"--out_dir={out}/calib"],
+            out, os.path.join(out, "calibration.log"),
+        )  # fmt: skip
+        per_iter = statistics.median(times[5:]) / 1000
+        overhead = calib_s - sum(times) / 1000  # start-up, data, the evaluation at iteration 0
+        iters = int((FLAGS.budget_s - overhead) / per_iter)
+        logging.info(
+            "nanoGPT: %.3f s/iter, %.0f s overhead -> max_iters=%d for %.0f s",
+            per_iter,
+            overhead,
+            iters,
+            FLAGS.budget_s,
+        )
+    seconds, times = run_nanogpt(
         shape + recipe + [f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={iters}",
                           f"--out_dir={out}/out"],
         out, os.path.join(out, "train.log"),
     )  # fmt: skip
+    if FLAGS.max_iters:  # no calibration run: the training run's own median
+        per_iter = statistics.median(times[5:] or times) / 1000
     docs = documents(exp, FLAGS.split, c.max_length)
     nll, count = score(os.path.join(out, "out", "ckpt.pt"), docs, c.batch_size)
     summary = {
