@@ -2,8 +2,11 @@
 
 import os
 
+# Tiny models: compiling dominates, so XLA's CPU back end skips its LLVM optimisations (init of a
+# tiny EncoderDecoder compiles in 1.1 s instead of 2.7 s). Subprocess runs inherit the flags.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

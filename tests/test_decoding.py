@@ -167,8 +167,13 @@ def test_beam_scores_equal_full_forward_log_probs(scan, batch, length):
     params = nn.unbox(model.init(jax.random.key(0), src, src)["params"])
     if length > 6:
         params["decoder"]["logits_bias"] = params["decoder"]["logits_bias"].at[EOS_ID].set(-30.0)
-    step_fn, cache = decoding.translation_step_fn(model, params, src, length, beams=2)
-    seqs, scores = jax.jit(lambda c: decoding.beam_search(step_fn, c, batch, 2, length, alpha=0.0))(cache)
+
+    @jax.jit
+    def search(params, src):
+        step_fn, cache = decoding.translation_step_fn(model, params, src, length, beams=2)
+        return decoding.beam_search(step_fn, cache, batch, 2, length, alpha=0.0)
+
+    seqs, scores = search(params, src)
     forward = jax.jit(lambda x, y: jax.nn.log_softmax(model.apply({"params": params}, x, y)))
     for b in range(batch):
         for k in range(2):
