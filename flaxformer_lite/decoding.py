@@ -11,19 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite.ids import EOS_ID, PAD_ID
-from flaxformer_lite.layers import resize_self_attention_cache
+from flaxformer_lite.layers import (
+    cache_path_names,
+    resize_self_attention_cache,
+    self_attention_cache_slots,
+)
 from flaxformer_lite.models import variant
 
 STAGED_STEPS = 32  # decoding loops at least this long grow their self-attention cache in stages
-
-
-def _self_attention_slots(cache) -> int | None:
-    """Slots of the self-attention caches in a "cache" collection (None if it has none)."""
-    for path, x in jax.tree_util.tree_leaves_with_path(cache):
-        keys = [getattr(key, "key", None) for key in path]
-        if keys[-1] == "cached_valid" and "cross_attention" not in keys:
-            return x.shape[-1]
-    return None
 
 
 def _while_in_stages(cond, body, carry: dict, steps: int) -> dict:
@@ -34,7 +29,7 @@ def _while_in_stages(cond, body, carry: dict, steps: int) -> dict:
     steps'). Attention and the beam reorder then read about 30% fewer cached keys and values
     over the loop, at the price of compiling the body three times.
     """
-    slots = _self_attention_slots(carry["cache"])
+    slots = self_attention_cache_slots(carry["cache"])
     if slots is None or steps < STAGED_STEPS or slots < steps:  # slots < steps: a caller's short cache, as is
         return jax.lax.while_loop(cond, body, carry)
     prompt = slots - steps  # slots written before the loop
@@ -193,10 +188,10 @@ def _gather_beams(tree, beam_indices, batch: int, beams: int):
     flat = (jnp.arange(batch)[:, None] * beams + beam_indices).reshape(-1)  # [B*K] source rows
 
     def gather(path, x):
-        keys = [getattr(key, "key", None) for key in path]
-        if "cross_attention" in keys or x.ndim == 0:
+        names = cache_path_names(path)
+        if "cross_attention" in names:
             return x
-        axis = 1 if "layers" in keys else 0  # run_layers names the scanned stack "layers"
+        axis = 1 if "layers" in names else 0  # run_layers names the scanned stack "layers"
         if x.ndim <= axis or x.shape[axis] != batch * beams:
             return x  # the cache index
         return jnp.take(x, flat, axis=axis)

@@ -193,7 +193,7 @@ class MultiHeadAttention(nn.Module):
                 if q_segment_ids is None:  # unpacked: every query belongs to sequence 1
                     q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
             # Beam search keeps one cross cache row per source: its beams' queries join that row
-            # as extra query steps (no copies of the encoder output; [G, S] matmuls, not matvecs).
+            # as extra query steps (the encoder output is neither copied nor projected per beam).
             rows, q_shape = k.shape[0], q.shape
             q = q.reshape(rows, -1, N, H)
             if q_segment_ids is not None:
@@ -329,6 +329,28 @@ class MultiHeadAttention(nn.Module):
 _CACHE_SLOT_AXIS = {"cached_key": -1, "cached_value": -2, "cached_valid": -1}
 
 
+def cache_path_names(path) -> list:
+    """The names along a "cache" collection key path: modules (e.g. "layers" for a scanned
+    stack, "cross_attention"), then the variable."""
+    return [getattr(key, "key", None) for key in path]
+
+
+def _self_attention_slot_axis(path, x) -> int | None:
+    """The slot axis of a self-attention cache leaf; None for cross-attention and other leaves."""
+    names = cache_path_names(path)
+    axis = _CACHE_SLOT_AXIS.get(names[-1])
+    return None if axis is None or "cross_attention" in names else axis % x.ndim
+
+
+def self_attention_cache_slots(cache) -> int | None:
+    """The slot count of the self-attention caches in a "cache" collection (None if none)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(cache):
+        axis = _self_attention_slot_axis(path, x)
+        if axis is not None:
+            return x.shape[axis]
+    return None
+
+
 def resize_self_attention_cache(cache, slots: int):
     """The "cache" collection with every self-attention cache cut or zero-padded to `slots` slots.
 
@@ -338,11 +360,9 @@ def resize_self_attention_cache(cache, slots: int):
     """
 
     def resize(path, x):
-        keys = [getattr(key, "key", None) for key in path]
-        axis = _CACHE_SLOT_AXIS.get(keys[-1])
-        if axis is None or "cross_attention" in keys:
+        axis = _self_attention_slot_axis(path, x)
+        if axis is None:
             return x
-        axis %= x.ndim
         if slots <= x.shape[axis]:
             return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
         pad = [(0, 0)] * x.ndim
