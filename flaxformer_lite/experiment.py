@@ -218,7 +218,7 @@ class Experiment:
         )
         with jax.set_mesh(self.mesh):
             return jax.jit(
-                step_fn,
+                sharding.under_rules(step_fn),
                 in_shardings=(shardings, sharding.batch_sharding(self.mesh), None),
                 out_shardings=(shardings, None),
                 donate_argnums=0,
@@ -289,14 +289,15 @@ class Experiment:
 
 
 def build(
-    config, workdir: str | None, *, tokenizer: str = "train", vocab_size: int | None = None
+    config, workdir: str | None, *, tokenizer: str = "train", vocab_size: int | None = None, devices=None
 ) -> Experiment:
     """The experiment a config describes.
 
     tokenizer: "train" (the workdir's spm.model, trained on the train split on first use; in
     multi-process runs process 0 prepares data and tokenizer first), "load" (spm.model must exist:
     evaluation of a trained workdir), or "none" (no data, no tokenizer: synthetic benchmarks,
-    with `vocab_size`).
+    with `vocab_size`). devices: the mesh's devices (default: all; `targets.devices` for a compile
+    for a TPU or GPU that this machine does not have).
     """
     validate(config)
     task = tasks.get(config.task)
@@ -323,7 +324,7 @@ def build(
                 f"task={task.name!r} trains a {task.model_class.__name__}; set --config.task to match."
             )
     tx, schedule = make_optimizer(config, model.config.d_model)
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, devices)
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % split or (config.batch_size // config.grad_accum_steps) % split:
         raise ValueError(

@@ -74,3 +74,17 @@ def peak_tflops(device_kind: str) -> float | None:
         if name in device_kind.upper():
             return peak
     return None
+
+
+def attention_flops(
+    cfg: ModelConfig, target_len: int, source_len: int = 0, *, encoder_only: bool = False
+) -> int:
+    """The attention-score part of `forward_flops` (or of `encoder_forward_flops`) per sequence:
+    what a fused attention kernel computes, which XLA's cost analysis does not see inside it."""
+    if encoder_only:
+        return target_len * cfg.num_encoder_layers * _scores(cfg, target_len)
+    total = target_len * cfg.num_decoder_layers * _scores(cfg, target_len)
+    if source_len:
+        total += source_len * cfg.num_encoder_layers * _scores(cfg, source_len)
+        total += target_len * cfg.num_decoder_layers * _scores(cfg, source_len)
+    return total

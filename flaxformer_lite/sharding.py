@@ -61,10 +61,12 @@ def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1)
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all, across hosts)."""
-    devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(len(devices), data, fsdp, tensor)
-    if devices is jax.devices() or len(devices) == jax.device_count():
+    if devices is None:  # all devices, laid out by jax for the hardware's interconnect
+        shape = mesh_shape(jax.device_count(), data, fsdp, tensor)
         return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    # Given devices (a subset, or a TPU/GPU topology to compile for) are used as given: never
+    # replaced by this machine's devices because the counts happen to match.
+    shape = mesh_shape(len(devices), data, fsdp, tensor)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -75,6 +77,17 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
     """
     specs = nn.get_partition_spec(abstract_boxed_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def under_rules(fn, rules=DEFAULT_RULES):
+    """`fn`, traced under the logical axis rules: without them the models' activation constraints
+    (`nn.with_logical_constraint`) are silently no-ops and XLA picks the activations' shardings."""
+
+    def wrapped(*args, **kwargs):
+        with nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

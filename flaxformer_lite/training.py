@@ -95,8 +95,9 @@ def _init_fn(model: nn.Module, tx, task: Task, batch_shape: tuple[int, int]):
 
 def _abstract(init, mesh, rules):
     """(ShapeDtypeStructs carrying shardings, shardings) of what `init(rng)` returns, nothing allocated."""
+    key = jax.random.key(0)  # made outside the mesh: nothing may run on a compile-only (AOT) mesh
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init, jax.random.key(0))
+        boxed = jax.eval_shape(init, key)
     shardings = logical_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings

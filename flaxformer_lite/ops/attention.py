@@ -208,6 +208,18 @@ def choose_implementation(
     return "xla", f"no fused kernel on {backend}"
 
 
+def target_backend() -> str:
+    """ "gpu", "tpu" or "cpu": where the traced code will run.
+
+    The platform of the mesh set with `jax.set_mesh` when it has devices (a compile for a TPU or GPU
+    topology from a CPU-only machine), else JAX's default backend.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def _announce(message: str) -> None:
     """Log each distinct attention path once per process (at trace time, never per call)."""
     if message not in _announced:
@@ -270,7 +282,7 @@ def dot_product_attention(
     max_segments = T if max_segments is None else max_segments
     packed = segment_ids is not None and max_segments > 1
     impl, why = choose_implementation(
-        jax.default_backend(),
+        target_backend(),
         dtype=q.dtype,
         head_dim=q.shape[3],
         q_len=T,
