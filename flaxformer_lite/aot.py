@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -196,6 +195,16 @@ def custom_calls(compiled) -> dict[str, int]:
     return dict(Counter(re.findall(r'custom_call_target="([^"]+)"', text)))
 
 
+_COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def collectives(compiled) -> dict[str, int]:
+    """How many of each cross-device collective the compiled module holds (async starts included)."""
+    text = compiled.as_text()
+    counts = {name: len(re.findall(rf"[ )]{name}(?:-start)?\(", text)) for name in _COLLECTIVES}
+    return {name: n for name, n in counts.items() if n}
+
+
 def analyse(program: Program, exp, target: targets.Target) -> dict:
     """Compile `program` for `target` and report what the compiler says about it."""
     compiled, seconds = compile_program(program, exp, target)
@@ -218,6 +227,7 @@ def analyse(program: Program, exp, target: targets.Target) -> dict:
         "fits": sizes["total"] <= target.device_memory_bytes,
         "attention_kernels": kernels,
         "custom_calls": calls,
+        "collectives": collectives(compiled),
         "xla_flops_per_device": per_device,
         "fused_attention_flops": fused,
         "flops_per_step": None if per_device is None else per_device * devices + fused,
@@ -267,13 +277,16 @@ def compile_for(config, target: targets.Target, devices, function: str, beam_siz
 
 
 def find_max_batch(config, target: targets.Target, devices, function: str, beam_size: int = 4) -> dict:
-    """The report at the largest global batch that fits: grow by doubling, then bisect (multiples of
-    the devices that share a batch, times grad_accum_steps). The first probe inside the bracket is
-    the batch a straight line through the largest fitting compile's memory predicts."""
-    step = math.prod(
-        sharding.mesh_shape(len(devices), config.mesh_data, config.mesh_fsdp, config.mesh_tensor)[:2]
-    )
-    step *= config.grad_accum_steps
+    """The report at the largest global batch that fits (a multiple of the devices that share a
+    batch, times grad_accum_steps), searched by compiles.
+
+    Each probe is the batch at which a straight line through the largest fitting compile's memory
+    (arguments fixed, the rest per row) reaches the device's memory: memory is close to linear in
+    the batch, so three compiles usually settle it (the config's batch, the prediction, one more
+    row group that fails). After two misses in a row it bisects.
+    """
+    mesh = sharding.mesh_shape(len(devices), config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    step = mesh[0] * mesh[1] * config.grad_accum_steps
 
     def attempt(batch: int) -> dict | None:
         trial = config.copy_and_resolve_references()
@@ -283,27 +296,25 @@ def find_max_batch(config, target: targets.Target, devices, function: str, beam_
         except DoesNotFit:
             return None
 
-    best, low, high = None, 0, None
+    best, low, high, misses = None, 0, None, 0
     batch = max(step, config.batch_size // step * step)
-    while high is None and batch <= (1 << 20):
+    while batch <= _MAX_BATCH:
         result = attempt(batch)
         if result is None:
-            high = batch
+            high, misses = batch, misses + 1
         else:
-            best, low, batch = result, batch, batch * 2
-    while high is not None and high - low > step:
-        guess = _predict(best, target) if best else (low + high) // 2
-        mid = min(max(guess // step * step, low + step), high - step)
-        result = attempt(mid)
-        if result is None:
-            high = mid
-        else:
-            best, low = result, mid
+            best, low, misses = result, batch, 0
+        if high is not None and high - low <= step:
+            break
+        guess = _predict(best, target) if best and misses < 2 else (low + (high or 2 * low)) // 2
+        batch = max(guess // step * step, low + step)
+        batch = batch if high is None else min(batch, high - step)
     if best is None:
         raise DoesNotFit(f"{function} does not fit {target.name} even at batch {step}; {_FIXES}")
     return {**best, "max_batch": low, "max_batch_failed_at": high}
 
 
+_MAX_BATCH = 1 << 20
 _FIXES = (
     "set --config.model.overrides.remat_policy=full (or dots), shard params and optimizer state with "
     "--config.mesh_fsdp, or shorten --config.max_length."

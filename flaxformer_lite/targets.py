@@ -128,11 +128,14 @@ def devices(target: Target) -> list:
             f"compiling for {target.name} needs the {target.platform.upper()} compiler: "
             f"pip install -c constraints.txt -e '.[{extra}]', then run with JAX_PLATFORMS=cpu."
         )
-    if target.platform == "tpu":  # no TPU VM metadata to query here: say so, instead of warnings
+    if target.platform == "tpu":
+        # No TPU VM metadata to query here (say so, instead of libtpu's warnings), and no chips to
+        # share: several compiling processes may load libtpu at once (its lockfile fails the second).
         for name, value in (
             ("TPU_SKIP_MDS_QUERY", "1"),
             ("TPU_WORKER_HOSTNAMES", "localhost"),
             ("TPU_WORKER_ID", "0"),
+            ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
         ):
             os.environ.setdefault(name, value)
     try:

@@ -8,6 +8,8 @@ the packer writes them (`input_pipeline.make_dataset(max_segments=M)`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,6 +175,29 @@ def _splash_kernel(T, S, N, mqa, is_causal, local_window, interpret):
     )
 
 
+def _default_precision(fn):
+    """`fn` with its forward *and* backward traced at the default matmul precision, whatever
+    `jax_default_matmul_precision` says (a custom VJP: the backward is traced later, outside any
+    context around the forward)."""
+    precision = functools.partial(jax.default_matmul_precision, "default")
+
+    @jax.custom_vjp
+    def wrapped(*args):
+        with precision():
+            return fn(*args)
+
+    def forward(*args):
+        with precision():
+            return jax.vjp(fn, *args)
+
+    def backward(pullback, cotangent):
+        with precision():
+            return pullback(cotangent)
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
+
+
 def splash_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
@@ -224,6 +249,8 @@ def splash_attention(
         return jnp.swapaxes(out, 1, 2)
 
     segments = () if segment_ids is None else (segment_ids, kv_segment_ids)
+    if q.dtype in (jnp.bfloat16, jnp.float16):  # Mosaic rejects 16-bit dots asked for fp32 precision
+        per_shard = _default_precision(per_shard)  # ("Bad lhs type"); 16-bit products are exact anyway
     if mesh.empty:
         out = per_shard(q, k, v, *segments)
     else:

@@ -1,0 +1,177 @@
+"""Compiler figures for real TPU/GPU targets, from this CPU machine: memory, fit, kernels, FLOPs.
+
+    JAX_PLATFORMS=cpu python -m benchmarks.aot_targets --sweep=presets --out=docs/results/aot
+    JAX_PLATFORMS=cpu python -m benchmarks.aot_targets --sweep=long_context --out=docs/results/aot
+    JAX_PLATFORMS=cpu python -m benchmarks.aot_targets --sweep=sharding --out=docs/results/aot
+
+Each row is one `flaxformer_lite.aot` compile (train step), appended to <out>/<sweep>.jsonl as it
+finishes; a rerun skips the rows already there, so a long sweep can be stopped and resumed.
+`--table` prints the markdown table of a sweep's file and draws long_context.png.
+These are the compilers' own figures (memory analysis, cost analysis, custom calls), not speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import jax
+from absl import app, flags
+
+from benchmarks.common import load_config
+from flaxformer_lite import aot, targets
+
+flags.DEFINE_enum("sweep", "presets", ["presets", "long_context", "sharding"], "Which sweep.")
+flags.DEFINE_string("out", "docs/results/aot", "Folder of the sweeps' JSONL files.")
+flags.DEFINE_list("configs", ["wmt_base", "wmt_big", "gpt2_small", "llama_small", "mlm"], "presets sweep.")
+flags.DEFINE_list(
+    "targets",
+    ["tpu:v5e:1x1", "tpu:v5e:2x2", "tpu:v6e:2x2", "tpu:v5p:2x2x1", "gpu:h100x1", "gpu:h100x8", "gpu:h200x1"],
+    "Targets of the presets sweep.",
+)
+flags.DEFINE_bool("find_max_batch", True, "presets: also search the largest batch that fits.")
+flags.DEFINE_bool("scan_layers", True, "Compile with scan_layers=True (one layer body: minutes faster).")
+flags.DEFINE_bool("table", False, "Print the sweep's table (and plot) from its file instead of compiling.")
+FLAGS = flags.FLAGS
+
+
+def _rows():
+    """(key, config name, target, config overrides, model overrides, search) of the sweep."""
+    if FLAGS.sweep == "presets":
+        for name, target in itertools.product(FLAGS.configs, FLAGS.targets):
+            yield f"{name}|{target}", name, target, {}, {}, FLAGS.find_max_batch
+    elif FLAGS.sweep == "long_context":
+        lengths = (1024, 4096, 16384, 32768, 65536)
+        for target, T, impl, remat in itertools.product(
+            ("gpu:h100x1", "tpu:v5e:1x1", "tpu:v6e:1x1"), lengths, ("fused", "xla"), ("none", "full")
+        ):
+            model = {"attention_impl": "xla"} if impl == "xla" else {}
+            model["remat_policy"] = remat
+            yield (
+                f"{target}|{T}|{impl}|{remat}",
+                "gpt2_small",
+                target,
+                {"batch_size": 1, "max_length": T},
+                model,
+                False,
+            )
+    else:
+        for target, (data, fsdp) in itertools.product(("gpu:h100x8", "tpu:v5e:2x4"), ((8, 1), (1, 8))):
+            yield (
+                f"{target}|data{data}|fsdp{fsdp}",
+                "gpt2_small",
+                target,
+                {"mesh_data": data, "mesh_fsdp": fsdp},
+                {},
+                False,
+            )
+
+
+def _done(path: str) -> set[str]:
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {json.loads(line)["key"] for line in f if line.strip()}
+
+
+def run(path: str) -> None:
+    done = _done(path)
+    devices: dict[str, list] = {}
+    for key, name, target_name, fields, model, search in _rows():
+        if key in done:
+            continue
+        target = targets.parse(target_name)
+        devices.setdefault(target_name, targets.devices(target))
+        config = load_config(f"configs/{name}.py")
+        config.update(fields)
+        config.model.overrides.update({"scan_layers": FLAGS.scan_layers, **model})
+        start = time.perf_counter()
+        try:
+            fn = aot.find_max_batch if search else aot.compile_for
+            row = fn(config, target, devices[target_name], "train_step")
+        except aot.DoesNotFit as e:
+            row = {"target": target_name, "fits": False, "error": str(e), "batch": config.batch_size}
+        seconds = round(time.perf_counter() - start, 1)
+        row.update(key=key, config_file=f"configs/{name}.py", overrides={**fields, **model},
+                   scan_layers=FLAGS.scan_layers, sweep_seconds=seconds)  # fmt: skip
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(key, "fits" if row["fits"] else "does not fit", row.get("max_batch", ""), flush=True)
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.2f}" if n is not None else ""
+
+
+def table(path: str) -> None:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if FLAGS.sweep == "presets":
+        print("| config | target | batch x length | GiB/device (args + temp) | fits | largest batch | "
+              "kernels | TFLOPs/step | compile s |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            b = r.get("per_device_bytes", {})
+            kernels = ", ".join(f"{k} x{n}" for k, n in r.get("attention_kernels", {}).items())
+            tflops = f"{r['flops_per_step'] / 1e12:.1f}" if r.get("flops_per_step") else ""
+            print(f"| {r['config_file']} | {r['target']} | {r['batch']} x {r.get('length', '')} | "
+                  f"{_gib(b.get('total'))} ({_gib(b.get('arguments'))} + {_gib(b.get('temp'))}) | "
+                  f"{'yes' if r['fits'] else 'no'} | {r.get('max_batch', '')} | {kernels} | {tflops} | "
+                  f"{r.get('compile_seconds', '')} |")  # fmt: skip
+    elif FLAGS.sweep == "long_context":
+        _plot_long_context(rows, os.path.join(os.path.dirname(path), "long_context.png"))
+        print("| target | T | attention | remat | temp GiB | total GiB | fits |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            target, T, impl, remat = r["key"].split("|")
+            b = r.get("per_device_bytes", {})
+            print(f"| {target} | {T} | {impl} | {remat} | {_gib(b.get('temp'))} | {_gib(b.get('total'))} | "
+                  f"{'yes' if r['fits'] else 'no'} |")  # fmt: skip
+    else:
+        print("| target | mesh | argument GiB/device | collectives |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['target']} | {r['mesh']} | {_gib(r['per_device_bytes']['arguments'])} | "
+                  f"{r.get('collectives')} |")  # fmt: skip
+
+
+def _plot_long_context(rows, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list] = {}
+    for r in rows:
+        target, T, impl, remat = r["key"].split("|")
+        if "per_device_bytes" in r:
+            series.setdefault(f"{target} {impl} remat={remat}", []).append(
+                (int(T), r["per_device_bytes"]["temp"])
+            )
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(
+            xs, [y / 2**30 for y in ys], marker="o", label=label, linestyle="--" if "xla" in label else "-"
+        )
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T (batch 1)", ylabel="temp GiB per device",
+           title="gpt2_small train step: compiler's temp memory vs T")  # fmt: skip
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main(argv):
+    del argv
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+    os.makedirs(FLAGS.out, exist_ok=True)
+    path = os.path.join(FLAGS.out, f"{FLAGS.sweep}.jsonl")
+    table(path) if FLAGS.table else run(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
