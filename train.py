@@ -71,31 +71,36 @@ def train(exp, stop: runtime.StopRequests):
     elif exp.config.init_from_hf:  # fine-tuning: the imported weights replace the random init
         state = state.replace(params=exp.imported_params(shardings.params))
         logging.info("initialised from the transformers checkpoint %s", exp.config.init_from_hf)
+    # Refuse a resumed run that would compute something else; fix the schedule's horizon.
+    exp = exp.for_resume(ckpt.saved_config(start) if restored is not None else None, start)
+    config = exp.config
     train_step = exp.train_step(shardings)
     dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
     logger = reporting.Logger(workdir, resume_step=start)
     config_json = json.loads(config.to_json_best_effort())
-    window = reporting.MetricsWindow(start)
+    window = reporting.MetricsWindow(start, carried=reporting.load_window(workdir, start))
     bar = tqdm.tqdm(
         total=config.num_train_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
         disable=jax.process_index() != 0,
     )  # fmt: skip
     stopped = None
-    with jax.set_mesh(exp.mesh), ckpt.finishing_saves(), contextlib.closing(bar):
+    with jax.set_mesh(exp.mesh), ckpt.finishing_saves(), contextlib.closing(bar), stop.training_loop():
         for step in range(start + 1, config.num_train_steps + 1):
             batch = sharding.global_batch(next(train_iter), exp.mesh)
             state, metrics = train_step(state, batch, dropout_rng)
             window.add(step, metrics)
             bar.update(1)
             is_last, stopped = step == config.num_train_steps, stop.requested(step, ckpt.manager)
-            log = step % config.log_every == 0 or is_last or stopped
+            log = step % config.log_every == 0 or is_last
             save = step % config.checkpoint_every == 0 or is_last or stopped
-            if log or save:
-                # Before any save: a non-finite loss stops the run here, so it is never checkpointed.
+            # Before any save: a non-finite loss stops the run here, so it is never checkpointed.
+            if log:
                 summary = window.sync(step, last_good=ckpt.set_aside_unhealthy)
-                if log:
-                    logger.write(step, "train", summary)
-                    bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
+                logger.write(step, "train", summary)
+                bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
+            elif save:  # between rows: the steps since the last row go on into the next one
+                summary = window.peek(last_good=ckpt.set_aside_unhealthy)
+                window.save(workdir, step)  # a run resumed from this step logs the same rows
             if save:
                 loss, force = summary["loss"], is_last or bool(stopped)
                 ckpt.save(

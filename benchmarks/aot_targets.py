@@ -31,7 +31,7 @@ flags.DEFINE_list(
     ["tpu:v5e:1x1", "tpu:v5e:2x2", "tpu:v6e:2x2", "tpu:v5p:2x2x1", "gpu:h100x1", "gpu:h100x8", "gpu:h200x1"],
     "Targets of the presets sweep.",
 )
-flags.DEFINE_bool("find_max_batch", True, "presets: also search the largest batch that fits.")
+flags.DEFINE_bool("search_max_batch", True, "presets: also search the largest batch that fits.")
 flags.DEFINE_bool("scan_layers", True, "Compile with scan_layers=True (one layer body: minutes faster).")
 flags.DEFINE_bool("table", False, "Print the sweep's table (and plot) from its file instead of compiling.")
 FLAGS = flags.FLAGS
@@ -41,7 +41,7 @@ def _rows():
     """(key, config name, target, config overrides, model overrides, search) of the sweep."""
     if FLAGS.sweep == "presets":
         for name, target in itertools.product(FLAGS.configs, FLAGS.targets):
-            yield f"{name}|{target}", name, target, {}, {}, FLAGS.find_max_batch
+            yield f"{name}|{target}", name, target, {}, {}, FLAGS.search_max_batch
     elif FLAGS.sweep == "long_context":
         lengths = (1024, 4096, 16384, 32768, 65536)
         for target, T, impl, remat in itertools.product(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any
 
@@ -15,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -29,6 +31,49 @@ NOT_ARCHITECTURE = (
     "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "deterministic", "decode",
     "dropout_rate", "attention_dropout_rate", "max_len", "init_std", "max_segments",
 )  # fmt: skip
+
+
+# Config fields a resumed run may change: how long it runs, how often it logs, evaluates and saves,
+# where the prepared data lives, how the work is spread over devices and processes, and how the
+# model runs (not what it computes). Any other change on resume is refused (`resume_changes`).
+RESUMABLE_CHANGES = (
+    "num_train_steps", "log_every", "eval_every", "eval_batches", "bleu_every", "bleu_examples",
+    "max_decode_length", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "data_dir",
+    "mesh_data", "mesh_fsdp", "mesh_tensor", "distributed", "coordinator_address", "num_processes",
+    "process_id", "model.overrides.attention_impl", "model.overrides.remat_policy",
+)  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, config) -> tuple[list[str], list[str]]:
+    """(refused, allowed): the fields that differ between a checkpoint's saved config and `config`,
+    as "field: old -> new". Fields the saved config lacks (added to the code since) are not compared."""
+    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    refused, allowed = [], []
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] != new[key]:
+            (allowed if key in RESUMABLE_CHANGES else refused).append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return refused, allowed
+
+
+def schedule_horizon(saved: dict | None, config) -> int:
+    """The steps a cosine schedule decays over: `schedule_steps` if set, else the num_train_steps the
+    run started with (read from its checkpoint's config). So extending a finished run goes on at the
+    schedule's final rate instead of restarting the decay."""
+    if config.get("schedule_steps"):
+        return config.schedule_steps
+    if saved:
+        return saved.get("schedule_steps") or saved.get("num_train_steps") or config.num_train_steps
+    return config.num_train_steps
 
 
 def validate(config) -> None:
@@ -82,13 +127,13 @@ def model_config(config, vocab_size: int) -> ModelConfig:
 
 
 def make_optimizer(config, d_model: int):
-    """(tx, schedule) as configured."""
+    """(tx, schedule) as configured (the cosine decays over schedule_steps, or num_train_steps if 0)."""
     schedule = training.make_schedule(
         config.schedule,
         d_model=d_model,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
-        total_steps=config.num_train_steps,
+        total_steps=config.get("schedule_steps") or config.num_train_steps,
     )
     tx = training.make_optimizer(
         schedule,
@@ -194,6 +239,7 @@ class Experiment:
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
             drop_remainder=train,
+            split=split,
         )
 
     def init_state(self, rng: jax.Array):
@@ -240,6 +286,30 @@ class Experiment:
         _, params = interop.from_hf(self.config.init_from_hf)
         dtype = self.model.config.param_dtype
         return jax.tree.map(lambda s, x: jax.device_put(np.asarray(x, dtype), s), shardings, params)
+
+    def for_resume(self, saved: dict | None, step: int = 0) -> Experiment:
+        """This experiment with its schedule horizon fixed, checked against the config saved with
+        the checkpoint it resumes from (None: a fresh run).
+
+        A change of what the run computes (model, data, optimizer, schedule, batch, seed...) is a
+        one-line error; changes of RESUMABLE_CHANGES are logged. `schedule_steps` is set to the
+        cosine horizon (`schedule_horizon`), so the config saved with later checkpoints keeps it.
+        """
+        config = self.config.copy_and_resolve_references()
+        config.schedule_steps = schedule_horizon(saved, self.config)
+        if saved:
+            saved = {**saved, "schedule_steps": saved.get("schedule_steps") or saved.get("num_train_steps")}
+            refused, allowed = resume_changes(saved, config)
+            if refused:
+                raise checkpoint.CheckpointMismatchError(
+                    f"workdir {self.workdir!r} holds a run (checkpoint of step {step}) made with other "
+                    f"settings: {'; '.join(refused)}. Resume with the settings it was trained with, or "
+                    f"start a new --workdir; a resumed run may change only {', '.join(RESUMABLE_CHANGES)}."
+                )
+            if allowed:
+                logging.info("resuming with changed run settings: %s", "; ".join(allowed))
+        tx, schedule = make_optimizer(config, self.model.config.d_model)
+        return dataclasses.replace(self, config=config, tx=tx, schedule=schedule)
 
     def restore_params(self, step: int | None = None):
         """(step, params) of the newest (or given) readable checkpoint; never reads optimizer state.
@@ -343,9 +413,36 @@ def _tokenizer(config, workdir: str, data: Data, *, train: bool):
             raise FileNotFoundError(f"no spm.model in {workdir!r}: is it the workdir of a train.py run?")
         return load_sentencepiece(path)
     options = dict(vocab_size=config.vocab_size, character_coverage=config.character_coverage)
+    _check_tokenizer_options(path, options)
     return runtime.process_zero_first(
-        lambda: load_or_train(data.training_texts, path, **options), key="tokenizer_ready"
+        lambda: _load_or_train(data.training_texts, path, options), key="tokenizer_ready"
     )
+
+
+def _load_or_train(texts, path: str, options: dict):
+    """The tokenizer at `path`, trained first if missing; the options it was trained with beside it."""
+    trained = not os.path.exists(path)
+    sp = load_or_train(texts, path, **options)
+    if trained:
+        with open(path + ".options.json", "w") as f:
+            json.dump(options, f)
+    return sp
+
+
+def _check_tokenizer_options(path: str, options: dict) -> None:
+    """A workdir's tokenizer trained with other options (vocab_size, ...) is never silently reused."""
+    if not os.path.exists(path + ".options.json"):
+        return
+    with open(path + ".options.json") as f:
+        saved = json.load(f)
+    differ = [
+        f"{k}={saved[k]!r} there but {v!r} here" for k, v in options.items() if k in saved and saved[k] != v
+    ]
+    if differ:
+        raise ValueError(
+            f"bad config: the workdir's tokenizer {path!r} was trained with {'; '.join(differ)}; use its "
+            "settings (--config.vocab_size, --config.character_coverage) or start a new --workdir."
+        )
 
 
 def pad_rows(batch: dict, rows: int) -> dict:

@@ -65,6 +65,34 @@ class Tokenize:
         return not empty
 
 
+class NoUsableExample(ValueError):
+    """A whole pass over a split gave no example that survives tokenization and filtering."""
+
+
+class _KeepOrFail:
+    """`keep`, failing once more examples in a row were dropped than the split holds: a whole pass
+    yields nothing to train on (an endless dataset would otherwise filter forever)."""
+
+    def __init__(self, keep, tokenize: Tokenize, split_size: int, split: str):
+        self.keep, self.tokenize, self.limit, self.split = keep, tokenize, split_size, split
+        self.dropped_in_a_row = 0
+
+    def __call__(self, example: dict) -> bool:
+        if self.keep(example):
+            self.dropped_in_a_row = 0
+            return True
+        self.dropped_in_a_row += 1
+        if self.dropped_in_a_row >= self.limit:
+            raise NoUsableExample(
+                f"the {self.split} split has {self.limit} prepared examples, and none survives tokenization "
+                f"and filtering: all {self.dropped_in_a_row} of a pass were empty after tokenization "
+                f"({self.tokenize.stats.report()}). Check the corpus file of that split (lines that are "
+                "not UTF-8, have the wrong column count or are too long are skipped when it is prepared; "
+                "see the preparation log)."
+            )
+        return False
+
+
 def _pad(example: dict, max_length: int) -> dict:
     """One unpacked example -> fixed length with segment id 1 on real tokens and positions."""
     out = {}
@@ -92,6 +120,7 @@ def make_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
     drop_remainder: bool = True,
+    split: str = "given",
 ) -> grain.IterDataset:
     """Per-host batches of `batch_size` rows; this host reads only its rows of each global batch.
 
@@ -109,7 +138,7 @@ def make_dataset(
     if shuffle:
         ds = ds.shuffle(seed=seed)  # before repeat: reshuffled (differently seeded) each epoch
     ds = _host_rows(ds.repeat(num_epochs), batch_size, shard_index, shard_count)
-    ds = ds.map(tokenize).filter(tokenize.keep)
+    ds = ds.map(tokenize).filter(_KeepOrFail(tokenize.keep, tokenize, len(source), split))
     it = ds.to_iter_dataset()
     if pack:
         it = grain.experimental.FirstFitPackIterDataset(

@@ -138,8 +138,11 @@ EXPLODING = 3.0  # a loss above this multiple of the run's median so far counts 
 class MetricsWindow:
     """Step metrics kept on device until a sync; a sync stops the run on a non-finite loss."""
 
-    def __init__(self, step: int):
-        self.pending, self.last_time, self.last_step = [], time.time(), step
+    def __init__(self, step: int, carried: list | None = None):
+        """carried: the steps since the last logged row, from before the run was stopped (`load_window`),
+        so the first row after a resume averages the same steps as an uninterrupted run's."""
+        self.pending, self.last_time, self.last_step = list(carried or []), time.time(), step
+        self.carried = len(self.pending)  # not timed by this process: left out of tokens/s
         self.healthy_losses = []  # the mean loss of every healthy sync so far (this process's run)
         self.healthy = True  # whether the last sync's loss was healthy
 
@@ -151,28 +154,61 @@ class MetricsWindow:
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
 
-    def sync(self, step: int, last_good) -> dict:
-        """Mean metrics since the last sync, with tokens/s and steps/s measured on the host.
-
-        On a non-finite loss: `last_good()` (which sets diverged checkpoints aside and names the
-        one a rerun resumes from) and a TrainingError.
-        """
-        fetched = [(s, jax.device_get(m)) for s, m in self.pending]
-        self.pending.clear()
-        for s, m in fetched:
+    def _fetch(self, last_good) -> list:
+        """The pending steps' metrics on the host (kept pending); a TrainingError on a non-finite loss
+        after `last_good()` (which sets diverged checkpoints aside and names the one a rerun resumes from)."""
+        self.pending = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in self.pending]
+        for s, m in self.pending:
             if not np.isfinite(m["loss"]):
                 raise TrainingError(
                     f"loss became {m['loss']} at step {s}; a rerun resumes from the last healthy checkpoint "
                     f"({last_good()}). Lower learning_rate, enable clip_norm, or check the data."
                 )
+        return self.pending
+
+    def peek(self, last_good) -> dict:
+        """The mean loss of the steps since the last sync and whether it is healthy, without
+        ending the window (a checkpoint between logged rows)."""
+        fetched = self._fetch(last_good)
+        if not fetched:
+            return {}
+        loss = float(np.mean([m["loss"] for _, m in fetched]))
+        self.healthy = self._is_healthy(loss)
+        return {"loss": loss}
+
+    def sync(self, step: int, last_good) -> dict:
+        """Mean metrics since the last sync, with tokens/s and steps/s measured on the host."""
+        fetched = self._fetch(last_good)
+        timed, self.pending, self.carried = fetched[self.carried :], [], 0
         if not fetched:
             return {}
         elapsed = max(time.time() - self.last_time, 1e-9)
         summary = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-        summary["tokens_per_sec"] = sum(float(m["tokens"]) for _, m in fetched) / elapsed
-        summary["steps_per_sec"] = (step - self.last_step) / elapsed
+        summary["tokens_per_sec"] = sum(m["tokens"] for _, m in timed) / elapsed
+        summary["steps_per_sec"] = len(timed) / elapsed
         self.last_time, self.last_step = time.time(), step
         self.healthy = self._is_healthy(summary["loss"])
         if self.healthy:
             self.healthy_losses.append(summary["loss"])
         return summary
+
+    def save(self, workdir: str, step: int) -> None:
+        """Keep the steps since the last logged row beside the checkpoint of `step` (see `load_window`)."""
+        path = _window_path(workdir)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"step": step, "pending": self.pending}, f)
+        os.replace(path + ".tmp", path)
+
+
+def _window_path(workdir: str) -> str:
+    return os.path.join(workdir, f"metrics_window.{jax.process_index()}.json")
+
+
+def load_window(workdir: str, step: int) -> list:
+    """The steps since the last logged row that a run stopped at `step` saved (none otherwise)."""
+    try:
+        with open(_window_path(workdir)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [(s, m) for s, m in saved["pending"]] if saved.get("step") == step else []

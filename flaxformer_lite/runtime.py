@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -22,8 +23,11 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, unusable workdir); the message says why and what to do."""
 
 
-class Stopped(Exception):
-    """The run saved a checkpoint and stopped because it was asked to (SIGTERM, Ctrl-C)."""
+class Stopped(BaseException):
+    """The run stopped because it was asked to (SIGTERM, Ctrl-C), after saving what there was to save.
+
+    A BaseException, as KeyboardInterrupt: raised from a signal handler anywhere, it must not be
+    taken for a reader's or a library's failure by their `except Exception` clauses."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -41,6 +45,8 @@ class StopRequests:
 
     def __init__(self):
         self.received: str | None = None
+        self.in_loop = False  # outside the training loop (data, tokenizer, compile, final eval) a
+        # signal stops the run at once: there is no step to finish and nothing new to save
         self.multi = jax.process_count() > 1
         signals = [signal.SIGINT] if self.multi else [signal.SIGINT, signal.SIGTERM]
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
@@ -50,6 +56,12 @@ class StopRequests:
         if self.received is not None or self.multi:
             print(f"error: {name} received again; exiting now without saving.", file=sys.stderr, flush=True)
             os._exit(128 + signum)
+        if not self.in_loop:
+            raise Stopped(
+                f"{name} received outside the training loop; stopped at once (no step was running: the "
+                "complete checkpoints and prepared data are kept): rerun the same command to continue",
+                128 + signum,
+            )
         self.received = name
         logging.warning(
             "%s received: finishing this step and saving a checkpoint (again: exit at once)", name
@@ -60,6 +72,15 @@ class StopRequests:
         if self.received is None and self.multi and manager.reached_preemption(step):
             self.received = "SIGTERM"
         return self.received
+
+    @contextlib.contextmanager
+    def training_loop(self):
+        """While inside, a signal finishes the current step and saves before the run stops."""
+        self.in_loop = True
+        try:
+            yield
+        finally:
+            self.in_loop = False
 
     def close(self) -> None:
         for s, handler in self._previous.items():
