@@ -23,7 +23,7 @@ from absl import app, flags
 from benchmarks.common import load_config
 from flaxformer_lite import aot, targets
 
-flags.DEFINE_enum("sweep", "presets", ["presets", "long_context", "sharding"], "Which sweep.")
+flags.DEFINE_enum("sweep", "presets", ["presets", "max_batch", "long_context", "sharding"], "Which sweep.")
 flags.DEFINE_string("out", "docs/results/aot", "Folder of the sweeps' JSONL files.")
 flags.DEFINE_list("configs", ["wmt_base", "wmt_big", "gpt2_small", "llama_small", "mlm"], "presets sweep.")
 flags.DEFINE_list(
@@ -31,7 +31,6 @@ flags.DEFINE_list(
     ["tpu:v5e:1x1", "tpu:v5e:2x2", "tpu:v6e:2x2", "tpu:v5p:2x2x1", "gpu:h100x1", "gpu:h100x8", "gpu:h200x1"],
     "Targets of the presets sweep.",
 )
-flags.DEFINE_bool("search_max_batch", True, "presets: also search the largest batch that fits.")
 flags.DEFINE_bool("scan_layers", True, "Compile with scan_layers=True (one layer body: minutes faster).")
 flags.DEFINE_bool("table", False, "Print the sweep's table (and plot) from its file instead of compiling.")
 FLAGS = flags.FLAGS
@@ -41,32 +40,23 @@ def _rows():
     """(key, config name, target, config overrides, model overrides, search) of the sweep."""
     if FLAGS.sweep == "presets":
         for name, target in itertools.product(FLAGS.configs, FLAGS.targets):
-            yield f"{name}|{target}", name, target, {}, {}, FLAGS.search_max_batch
-    elif FLAGS.sweep == "long_context":
-        lengths = (1024, 4096, 16384, 32768, 65536)
-        for target, T, impl, remat in itertools.product(
-            ("gpu:h100x1", "tpu:v5e:1x1", "tpu:v6e:1x1"), lengths, ("fused", "xla"), ("none", "full")
+            yield f"{name}|{target}", name, target, {}, {}, False
+    elif FLAGS.sweep == "max_batch":  # the largest batch that fits one chip (several compiles each)
+        for name, target in itertools.product(("gpt2_small", "wmt_base"), ("tpu:v5e:1x1", "gpu:h100x1")):
+            yield f"{name}|{target}", name, target, {}, {}, True
+    elif FLAGS.sweep == "long_context":  # batch 1, one chip: fused kernel vs XLA, remat none / full
+        variants = (("fused", "none"), ("xla", "none"), ("fused", "full"))
+        for (impl, remat), target, T in itertools.product(
+            variants, ("gpu:h100x1", "tpu:v6e:1x1"), (1024, 4096, 16384, 32768, 65536)
         ):
             model = {"attention_impl": "xla"} if impl == "xla" else {}
             model["remat_policy"] = remat
-            yield (
-                f"{target}|{T}|{impl}|{remat}",
-                "gpt2_small",
-                target,
-                {"batch_size": 1, "max_length": T},
-                model,
-                False,
-            )
-    else:
+            fields = {"batch_size": 1, "max_length": T}
+            yield f"{target}|{T}|{impl}|{remat}", "gpt2_small", target, fields, model, False
+    else:  # parameter and optimizer state per device: FSDP against data parallelism, 8 devices
         for target, (data, fsdp) in itertools.product(("gpu:h100x8", "tpu:v5e:2x4"), ((8, 1), (1, 8))):
-            yield (
-                f"{target}|data{data}|fsdp{fsdp}",
-                "gpt2_small",
-                target,
-                {"mesh_data": data, "mesh_fsdp": fsdp},
-                {},
-                False,
-            )
+            fields = {"mesh_data": data, "mesh_fsdp": fsdp}
+            yield f"{target}|data{data}|fsdp{fsdp}", "gpt2_small", target, fields, {}, False
 
 
 def _done(path: str) -> set[str]:
@@ -108,7 +98,7 @@ def _gib(n) -> str:
 def table(path: str) -> None:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    if FLAGS.sweep == "presets":
+    if FLAGS.sweep in ("presets", "max_batch"):
         print("| config | target | batch x length | GiB/device (args + temp) | fits | largest batch | "
               "kernels | TFLOPs/step | compile s |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|")

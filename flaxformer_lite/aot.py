@@ -280,10 +280,11 @@ def find_max_batch(config, target: targets.Target, devices, function: str, beam_
     """The report at the largest global batch that fits (a multiple of the devices that share a
     batch, times grad_accum_steps), searched by compiles.
 
-    Each probe is the batch at which a straight line through the largest fitting compile's memory
-    (arguments fixed, the rest per row) reaches the device's memory: memory is close to linear in
-    the batch, so three compiles usually settle it (the config's batch, the prediction, one more
-    row group that fails). After two misses in a row it bisects.
+    Doubling finds a batch that does not fit, bisection closes in. Twice, when a compile first fits
+    and when the bracket first closes, the probe is instead the batch at which a straight line
+    through the largest fitting compile's memory (arguments fixed, the rest per row) reaches the
+    device's memory: memory is close to linear in the batch, so this often settles it in 3-4
+    compiles (the config's batch, the prediction, one more that fails).
     """
     mesh = sharding.mesh_shape(len(devices), config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     step = mesh[0] * mesh[1] * config.grad_accum_steps
@@ -296,17 +297,20 @@ def find_max_batch(config, target: targets.Target, devices, function: str, beam_
         except DoesNotFit:
             return None
 
-    best, low, high, misses = None, 0, None, 0
+    best, low, high, predictions = None, 0, None, set()
     batch = max(step, config.batch_size // step * step)
     while batch <= _MAX_BATCH:
         result = attempt(batch)
-        if result is None:
-            high, misses = batch, misses + 1
-        else:
-            best, low, misses = result, batch, 0
+        best, low = (result, batch) if result else (best, low)
+        high = high if result else batch
         if high is not None and high - low <= step:
             break
-        guess = _predict(best, target) if best and misses < 2 else (low + (high or 2 * low)) // 2
+        phase = "grow" if high is None else "bracket"
+        if best is not None and phase not in predictions:  # once per phase: the line's guess
+            predictions.add(phase)
+            guess = _predict(best, target)
+        else:
+            guess = 2 * low if high is None else (low + high) // 2
         batch = max(guess // step * step, low + step)
         batch = batch if high is None else min(batch, high - step)
     if best is None:
