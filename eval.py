@@ -6,6 +6,7 @@ state), or with --hf_dir=DIR and no checkpoint in --workdir those of an imported
 every task; for translation also sacreBLEU and chrF of beam-search output (with the sacrebleu
 signatures). Writes <dataset>.<split>.{hyp,src,ref<j>}.txt and <dataset>.<split>.json to --output_dir (default
 <workdir>/eval/); an own corpus's <dataset> carries its source hash, so no evaluation overwrites another's.
+They are written all or none: a full disk leaves the previous ones whole.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxformer_lite import cli, decoding, evaluation, experiment, tasks
+from flaxformer_lite import cli, decoding, evaluation, experiment, files, tasks
 
 
 def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_examples: int,
@@ -44,23 +45,24 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
     out_dir = output_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, f"{exp.data.tag}.{split}")  # another dataset never overwrites these
+    outputs = {}
     if exp.task.translates:
-        _write_lines(f"{prefix}.hyp.txt", result.pop("hypotheses"))
-        _write_lines(f"{prefix}.src.txt", result.pop("sources"))
+        outputs[f"{prefix}.hyp.txt"] = _lines(result.pop("hypotheses"))
+        outputs[f"{prefix}.src.txt"] = _lines(result.pop("sources"))
         for j, refs in enumerate(result.pop("references")):
-            _write_lines(f"{prefix}.ref{j}.txt", refs)
+            outputs[f"{prefix}.ref{j}.txt"] = _lines(refs)
         summary.update(beam_size=beams, alpha=alpha, length_penalty=length_penalty)
     if config.get("init_from_hf"):
         summary["init_from_hf"] = config.init_from_hf
     summary.update(result, files=prefix + ".*")
-    with open(f"{prefix}.json", "w") as f:
-        json.dump(summary, f, indent=1)
+    outputs[f"{prefix}.json"] = json.dumps(summary, indent=1)
+    # All or none: a full disk keeps the previous outputs, never an empty or a mismatched set.
+    files.write_all(outputs, fix="free space (or pick another --output_dir) and rerun")
     return summary
 
 
-def _write_lines(path: str, lines: list[str]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(line.replace("\n", " ") + "\n" for line in lines)
+def _lines(lines: list[str]) -> str:
+    return "".join(line.replace("\n", " ") + "\n" for line in lines)
 
 
 def _print(summary: dict) -> None:
@@ -109,9 +111,11 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "hf_dir", "", "Evaluate this transformers checkpoint dir (e.g. Marian opus-mt) instead."
     )
-    flags.DEFINE_integer("max_examples", 0, "Translate at most this many examples (0 = all).")
-    flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0 = the config's batch_size).")
-    flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate (-1 = newest).")
+    flags.DEFINE_integer("max_examples", 0, "Translate at most this many examples (0 = all).", lower_bound=0)
+    flags.DEFINE_integer(
+        "batch_size", 0, "Sentences per decoding batch (0 = the config's batch_size).", lower_bound=0
+    )
+    flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate (-1 = newest).", lower_bound=-1)
     flags.DEFINE_string("output_dir", "", "Where to write outputs ('' = <workdir>/eval).")
     flags.mark_flags_as_required(["config", "workdir"])
 

@@ -4,10 +4,12 @@ Each step directory holds the items `params` (what inference needs, restored alo
 and generate.py), `opt` (step counter and optimizer state), `data` (grain iterator, one file per
 process) and `config`. A step directory is written under a temporary name and renamed when
 complete (orbax), so a crash mid-save leaves the previous checkpoints intact. On restore the
-newest step that reads cleanly wins; an unreadable one is moved aside (`<step>.corrupt-<time>`,
-kept, never read again) and named in the log. A checkpoint whose shapes differ from the model is
-not "corrupt" but a config mismatch: that raises an error naming the parameter. Checkpoints of
-flaxformer_lite 0.1 (one `state` item) still restore.
+newest step that reads cleanly wins. Training moves an unreadable one aside (`<step>.corrupt-<time>`,
+kept, never read again) and names it in the log; readers (`restore_params`: eval.py, generate.py)
+name it and read the previous one, moving nothing (their workdir may be read-only, or in use by a
+training run). A checkpoint whose shapes differ from the model is not "corrupt" but a config
+mismatch: that raises an error naming the parameter. Checkpoints of flaxformer_lite 0.1 (one
+`state` item) still restore.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from flaxformer_lite import files
 
 
 class CheckpointMismatchError(ValueError):
@@ -225,12 +229,13 @@ class Checkpointer:
             items = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
             return self.manager.restore(s, args=items)["params"]
 
-        return self._newest_readable(read, step)
+        return self._newest_readable(read, step, move_aside=False)
 
-    def _newest_readable(self, read, step: int | None):
+    def _newest_readable(self, read, step: int | None, move_aside: bool = True):
         """read(step, item metadata) of the newest step that reads (or of `step`); None if none exist.
 
-        A step that cannot be read is moved aside (by process 0) and the next older one is tried.
+        A step that cannot be read is skipped, and the next older one is tried; with `move_aside`
+        (training) it is first moved aside (by process 0), so no later run reads it again.
         """
         if step is not None and step not in self.steps():
             raise FileNotFoundError(
@@ -244,21 +249,32 @@ class Checkpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001  (any read failure means: try an older one)
-                self._move_aside(s, e)
+                if move_aside:
+                    self._move_aside(s, e)
+                else:
+                    logging.warning(
+                        "checkpoint step %d in %s is unreadable (%s); reading the previous one (the "
+                        "files stay where they are; a train.py run on this workdir moves it aside)",
+                        s, self.directory, files.reason(e),
+                    )  # fmt: skip
                 continue
             if s != candidates[0]:
                 logging.warning(
-                    "resumed from step %d: newer checkpoints %s were unreadable",
-                    s,
-                    candidates[: candidates.index(s)],
-                )
+                    "%s step %d: newer checkpoints %s were unreadable",
+                    "resumed from" if move_aside else "reading", s, candidates[: candidates.index(s)],
+                )  # fmt: skip
             return s, restored
-        if candidates:
+        if not candidates:
+            return None
+        if move_aside:
             raise ValueError(
                 f"none of the checkpoints {candidates} in {self.directory!r} is readable; they were moved "
                 "aside (*.corrupt-*). Start a new run in another --workdir, or move one back."
             )
-        return None
+        raise ValueError(
+            f"none of the checkpoints {candidates} in {self.directory!r} is readable (see the warnings "
+            "above). Train again in another --workdir, or restore this one from a backup."
+        )
 
     def _item_trees(self, step: int) -> dict:
         """{item name: tree of array metadata} of the array items a step holds."""

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import sentencepiece as spm
 from absl import logging
 
+from flaxformer_lite import files
 from flaxformer_lite.ids import EOS_ID, PAD_ID, UNK_ID
 
 
@@ -67,7 +68,12 @@ def load_sentencepiece(model_path: str) -> spm.SentencePieceProcessor:
     """Load a model written by `train_sentencepiece` (or any with pad 0, eos 1)."""
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist.")
-    sp = spm.SentencePieceProcessor(model_file=model_path)
+    fix = (
+        "it is damaged: delete it and rerun train.py with this workdir's config, which trains the same "
+        "tokenizer again from the train split (then resumes from its checkpoints)"
+    )
+    with files.reading(model_path, fix):
+        sp = spm.SentencePieceProcessor(model_file=model_path)
     if sp.pad_id() != PAD_ID or sp.eos_id() != EOS_ID:
         raise ValueError(
             f"{model_path!r} uses pad id {sp.pad_id()} and eos id {sp.eos_id()}; flaxformer_lite "

@@ -68,6 +68,16 @@ CASES = {  # name: (script, extra flags, what the one line must say)
         ["--workdir={reference}", "--config.model.overrides.activation=gelu"],
         "trained with another model: activation='relu' in the checkpoint but 'gelu' here",
     ),
+    "eval with max_examples -5": (
+        "eval.py",
+        ["--workdir={reference}", "--max_examples=-5"],
+        "flag --max_examples=-5: -5 is not a non-negative integer",
+    ),
+    "eval with batch_size -1": (
+        "eval.py",
+        ["--workdir={reference}", "--batch_size=-1"],
+        "flag --batch_size=-1: -1 is not a non-negative integer",
+    ),
     "batch that does not split over the devices": (
         "train.py",
         ["--config.batch_size=12"],

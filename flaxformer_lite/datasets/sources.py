@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import os
 
 import tensorflow_datasets as tfds
 from absl import logging
+
+from flaxformer_lite import files
 
 OUR_BUILDERS = ("bible_translate", "bible_lm", "tsv_translate", "text_lm")
 
@@ -69,9 +73,66 @@ def open_source(name: str, split: str, data_dir: str, *, manual_dir: str | None 
         builder.download_and_prepare(file_format="array_record", download_config=config)
     if split not in builder.info.splits:
         raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-    if builder.info.splits[split].num_examples == 0:
+    info = builder.info.splits[split]
+    if info.num_examples == 0:
         raise ValueError(f"split {split!r} of {name!r} is empty; pick another split.")
-    return builder.as_data_source(split=split)
+    files_read = info.file_instructions  # the split's files, in the order its records are numbered
+    paths, counts = [str(f.filename) for f in files_read], [f.take for f in files_read]
+    fix = _reprepare(name, data_dir, builder.data_dir)
+    return CheckedSource(builder.as_data_source(split=split), paths, counts, fix)
+
+
+def _reprepare(name: str, data_dir: str, folder: str) -> str:
+    """How to replace a damaged prepared dataset in `folder` (inside `data_dir`)."""
+    if name.split("/")[0] in OUR_BUILDERS:
+        return f"the prepared dataset is damaged: delete {folder} and rerun, which prepares it again"
+    return (
+        f"the prepared dataset is damaged: delete {folder} and prepare it again with "
+        f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`"
+    )
+
+
+class CheckedSource:
+    """A split's random-access source whose read errors name the damaged file and how to re-prepare it.
+
+    Opening one reads the first record of every file, so a truncated file (its index is at the end)
+    fails here, before any training; a garbled record deeper in fails when it is read.
+    """
+
+    def __init__(self, source, paths: list[str], counts: list[int], fix: str):
+        self.source, self.paths, self.fix = source, paths, fix
+        self.ends = list(itertools.accumulate(counts))  # one past each file's last record
+        for start, count in zip([0, *self.ends[:-1]], counts, strict=True):
+            if count:
+                self[start]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, key):
+        try:
+            return self.source[key]
+        except IndexError:
+            raise
+        except Exception as e:  # noqa: BLE001  (Riegeli, array_record and protobuf errors alike)
+            raise self._unreadable([key], e) from e
+
+    def __getitems__(self, keys):
+        try:
+            return self.source.__getitems__(keys)
+        except Exception as e:  # noqa: BLE001
+            raise self._unreadable(keys, e) from e
+
+    def _unreadable(self, keys, e: Exception) -> files.UnreadableFileError:
+        shards = sorted({bisect.bisect_right(self.ends, int(k)) for k in keys})
+        named = [self.paths[i] for i in shards if i < len(self.paths)] or self.paths
+        return files.unreadable(" or ".join(named), e, self.fix)
+
+    def __repr__(self) -> str:
+        return f"CheckedSource({self.source!r})"
 
 
 def supervised_keys(name: str, data_dir: str, reverse: bool = False, **builder_kwargs) -> tuple[str, str]:
@@ -86,6 +147,7 @@ def supervised_keys(name: str, data_dir: str, reverse: bool = False, **builder_k
 
 def _builder(name: str, data_dir: str, manual_dir: str | None = None, **builder_kwargs):
     del manual_dir  # read only when preparing (open_source); not a builder argument
+    folder = os.path.join(data_dir, name)
     try:
         return tfds.builder(name, data_dir=data_dir, file_format="array_record", **builder_kwargs)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -96,6 +158,11 @@ def _builder(name: str, data_dir: str, manual_dir: str | None = None, **builder_
             "--file_format=array_record` once (on a machine with its sources), then pass that data_dir; "
             "otherwise check the name."
         ) from e
+    except Exception as e:
+        if not os.path.isdir(folder):  # not about prepared files (a config name that does not exist)
+            raise
+        # Its dataset_info.json is damaged (tfds counts a dataset as prepared once that file exists).
+        raise files.unreadable(folder, e, _reprepare(name, data_dir, folder)) from e
 
 
 def training_texts(source, features: list[str], max_examples: int = 2_000_000, chunk: int = 8192):

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from flaxformer_lite import files
 from flaxformer_lite.config import ModelConfig
 from flaxformer_lite.interop import bert, decoder_only, marian, t5
 
@@ -125,16 +126,18 @@ def _read_tensors(path: str) -> dict:
 
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        files = sorted(set(json.load(open(index))["weight_map"].values()))
+        with files.reading(index, files.replace_original("model.safetensors.index.json")), open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
     else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
+        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not names:
         raise FileNotFoundError(
             f"no *.safetensors in {path!r}; save it with save_pretrained(..., safe_serialization=True)."
         )
     tensors = {}
-    for f in files:
-        tensors.update(load_file(os.path.join(path, f)))
+    for name in names:
+        with files.reading(os.path.join(path, name), files.replace_original(name)):
+            tensors.update(load_file(os.path.join(path, name)))
     return tensors
 
 
@@ -142,18 +145,51 @@ def _read_config(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}: is it a transformers checkpoint directory?")
-    return json.load(open(config_path))
+    fix = files.replace_original("config.json")
+    hf = files.read_json(config_path, fix)
+    if not isinstance(hf, dict):
+        raise files.UnreadableFileError(
+            f"{config_path} holds a JSON {type(hf).__name__}, not an object; {fix}"
+        )
+    return hf
 
 
 def config_from_dir(path: str) -> ModelConfig:
     """The ModelConfig of a transformers checkpoint directory (its config.json only)."""
-    return config_from_hf(_read_config(path))
+    return _config_of(path, _read_config(path))
+
+
+def _config_of(path: str, hf: dict) -> ModelConfig:
+    """config_from_hf, with an error from a missing key or a value of the wrong type naming config.json."""
+    try:
+        return config_from_hf(hf)
+    except UnsupportedCheckpointError:
+        raise  # says what the checkpoint uses that we cannot express
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        config_path = os.path.join(path, "config.json")
+        if isinstance(e, KeyError):
+            what = f"lacks the key {e.args[0]!r}"
+        else:
+            quoted = [f"{k}={v!r}" for k, v in hf.items() if isinstance(v, str) and _is_number(v)]
+            hint = f" (numbers written as strings: {', '.join(quoted)})" if quoted else ""
+            what = f"has a value flaxformer_lite cannot use{hint}: {files.reason(e)}"
+        raise ValueError(
+            f"{config_path} {what}; correct it, or {files.replace_original('config.json')}"
+        ) from e
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def from_hf(path: str) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of a transformers GPT-2 / LLaMA / Mistral / Marian checkpoint directory."""
     hf = _read_config(path)
-    cfg = config_from_hf(hf)
+    cfg = _config_of(path, hf)
     tensors = _read_tensors(path)
     if hf["model_type"] in TABLES:
         return cfg, _from_table(path, hf, cfg, tensors, TABLES[hf["model_type"]])
@@ -306,16 +342,18 @@ def load_tokenizer(path: str):
                 f"{path!r} has source.spm but lacks {', '.join(missing)} (a Marian tokenizer)."
             )
         hf = _read_config(path)
-        return marian.Tokenizer(path, hf, vocab_orders(hf))
+        return marian.Tokenizer(path, hf, vocab_orders(hf, _config_of(path, hf)))
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         from tokenizers import Tokenizer
 
-        return _HfTokenizer(Tokenizer.from_file(os.path.join(path, "tokenizer.json")))
+        with files.reading(os.path.join(path, "tokenizer.json"), files.replace_original("tokenizer.json")):
+            return _HfTokenizer(Tokenizer.from_file(os.path.join(path, "tokenizer.json")))
     for name in ("tokenizer.model", "spiece.model"):  # LLaMA's, T5's (pad 0, EOS 1 as ours)
         if os.path.isfile(os.path.join(path, name)):
             import sentencepiece as spm
 
-            return spm.SentencePieceProcessor(model_file=os.path.join(path, name))
+            with files.reading(os.path.join(path, name), files.replace_original(name)):
+                return spm.SentencePieceProcessor(model_file=os.path.join(path, name))
     raise FileNotFoundError(
         f"{path!r} has no tokenizer: neither source.spm/target.spm/vocab.json (Marian), tokenizer.json, "
         "tokenizer.model nor spiece.model (T5)."

@@ -178,16 +178,20 @@ class Tokenizer:
     """
 
     def __init__(self, path: str, hf: dict, orders: dict[str, np.ndarray]):
-        import json
         import os
 
         import sentencepiece as spm
 
-        def vocab(name):
-            return json.load(open(os.path.join(path, name), encoding="utf-8"))
+        from flaxformer_lite import files
 
-        self.spm = {side: spm.SentencePieceProcessor(model_file=os.path.join(path, f"{side}.spm"))
-                    for side in ("source", "target")}  # fmt: skip
+        def vocab(name):
+            return files.read_json(os.path.join(path, name), files.replace_original(name))
+
+        def model(name):
+            with files.reading(os.path.join(path, name), files.replace_original(name)):
+                return spm.SentencePieceProcessor(model_file=os.path.join(path, name))
+
+        self.spm = {side: model(f"{side}.spm") for side in ("source", "target")}
         source_vocab = vocab("vocab.json")
         separate = os.path.isfile(os.path.join(path, "target_vocab.json"))
         target_vocab = vocab("target_vocab.json") if separate else source_vocab
