@@ -138,7 +138,8 @@ def make_dataset(
     if shuffle:
         ds = ds.shuffle(seed=seed)  # before repeat: reshuffled (differently seeded) each epoch
     ds = _host_rows(ds.repeat(num_epochs), batch_size, shard_index, shard_count)
-    ds = ds.map(tokenize).filter(_KeepOrFail(tokenize.keep, tokenize, len(source), split))
+    keep = tokenize.keep if num_epochs else _KeepOrFail(tokenize.keep, tokenize, len(source), split)
+    ds = ds.map(tokenize).filter(keep)  # endless: a split with nothing to keep fails, never spins
     it = ds.to_iter_dataset()
     if pack:
         it = grain.experimental.FirstFitPackIterDataset(

@@ -102,12 +102,21 @@ def _drop_rows_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = f.readlines()
-    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line in lines if _step_of(line) <= step]
     if len(keep) < len(lines):
         logging.info("metrics.jsonl: %d rows after step %d will be recomputed", len(lines) - len(keep), step)
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> float:
+    """A row's step; a partial row (the writer stopped mid-line: a full disk, kill -9) counts as
+    past every step, so it is dropped and recomputed."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def plot_losses(workdir: str) -> None:
