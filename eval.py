@@ -22,14 +22,15 @@ from flaxformer_lite import cli, decoding, evaluation, experiment, files, tasks
 
 def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_examples: int,
              batch_size: int, step: int | None = None, output_dir: str = "", hf_dir: str = "",
-             length_penalty: str = "gnmt") -> dict:  # fmt: skip
+             length_penalty: str = "gnmt", checkpoint: str = "last",
+             weights: str = "auto") -> dict:  # fmt: skip
     """Evaluate the trained workdir (or an imported `hf_dir`) on `split`; write the outputs, return them."""
     decoding.check_options(beam_size=beams, alpha=alpha, length_penalty=length_penalty)
     if hf_dir:
         config = config.copy_and_resolve_references()
         config.init_from_hf = hf_dir
     exp = experiment.build(config, workdir, tokenizer="load")
-    step, params = exp.restore_params(step)
+    step, params = exp.restore_params(step, checkpoint=checkpoint, weights=weights)
     decode = None
     if exp.task.translates:
         decode = tasks.translate_fn(
@@ -41,7 +42,8 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
         exp, params, split=split, max_batches=max_batches, bleu_examples=max_examples, decode_fn=decode,
         batch_size=batch_size or config.batch_size,
     )  # fmt: skip
-    summary = {"split": split, "checkpoint_step": step, "dataset": config.dataset_name}
+    summary = {"split": split, "checkpoint_step": step, "checkpoint": checkpoint, "weights": weights,
+               "dataset": config.dataset_name}  # fmt: skip
     out_dir = output_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, f"{exp.data.tag}.{split}")  # another dataset never overwrites these
@@ -91,6 +93,7 @@ def main(argv):
             f.config, f.workdir, f.split, beams=f.beam_size, alpha=f.alpha, max_examples=f.max_examples,
             batch_size=f.batch_size, step=None if f.checkpoint_step < 0 else f.checkpoint_step,
             output_dir=f.output_dir, hf_dir=f.hf_dir, length_penalty=f.length_penalty,
+            checkpoint=f.checkpoint, weights=f.weights,
         )  # fmt: skip
     except cli.USER_ERRORS as e:
         cli.exit_with_error(e)
@@ -116,6 +119,14 @@ def define_flags() -> None:
         "batch_size", 0, "Sentences per decoding batch (0 = the config's batch_size).", lower_bound=0
     )
     flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate (-1 = newest).", lower_bound=-1)
+    flags.DEFINE_string(
+        "checkpoint",
+        "last",
+        "last | best (best validation score kept) | averaged (flaxformer_lite.average) | STEP.",
+    )
+    flags.DEFINE_enum(
+        "weights", "auto", ["auto", "ema", "raw"], "ema: the params' moving average (auto: if kept)."
+    )
     flags.DEFINE_string("output_dir", "", "Where to write outputs ('' = <workdir>/eval).")
     flags.mark_flags_as_required(["config", "workdir"])
 

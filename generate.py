@@ -43,15 +43,21 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("seed", 0, "LM: sampling seed.")
     flags.DEFINE_string("hf_dir", None, "A transformers checkpoint dir (instead of config+workdir).")
+    flags.DEFINE_string("checkpoint", "last", "last | best | averaged | STEP (as eval.py).")
+    flags.DEFINE_enum(
+        "weights", "auto", ["auto", "ema", "raw"], "ema: the params' moving average (auto: if kept)."
+    )
 
 
-def run(config, workdir: str, lines, out, err, *, seed=0, **options) -> dict:
+def run(
+    config, workdir: str, lines, out, err, *, seed=0, checkpoint="last", weights="auto", **options
+) -> dict:
     """Process `lines` (str or bytes), writing one line to `out` for each; returns what was counted."""
     decoding.check_options(**options)
     exp = experiment.build(config, workdir, tokenizer="load")
     if not (exp.task.translates or exp.task.generates):
         raise ValueError(f"generate.py translates or continues text; task {exp.task.name!r} does neither.")
-    _, params = exp.restore_params()
+    _, params = exp.restore_params(checkpoint=checkpoint, weights=weights)
     sp, max_length = exp.tokenizer, config.max_length
     counts = {"lines": 0, "empty": 0, "trimmed": 0, "byte_fallback_tokens": 0, "replaced_bytes": 0}
     tokenize = exp.tokenize(keys={"inputs": "text"})  # translation sources: ids + EOS, trimmed, counted
@@ -198,7 +204,8 @@ def main(argv):
             )
         run(
             f.config, f.workdir, sys.stdin.buffer, sys.stdout, sys.stderr, seed=f.seed, beam_size=f.beam_size,
-            alpha=f.alpha, max_new_tokens=f.max_new_tokens, length_penalty=f.length_penalty, **sample,
+            alpha=f.alpha, max_new_tokens=f.max_new_tokens, length_penalty=f.length_penalty,
+            checkpoint=f.checkpoint, weights=f.weights, **sample,
         )  # fmt: skip
     except cli.USER_ERRORS as e:
         cli.exit_with_error(e)

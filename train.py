@@ -16,16 +16,39 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxformer_lite import checkpoint, cli, evaluation, experiment, reporting, runtime, sharding
+from flaxformer_lite import (
+    checkpoint,
+    cli,
+    evaluation,
+    experiment,
+    reporting,
+    runtime,
+    sharding,
+    tasks,
+    validation,
+)
 from flaxformer_lite import input_pipeline as ip
 
 
 def evaluate(exp, params, with_bleu: bool) -> dict:
-    """Validation loss/perplexity, and BLEU/chrF of greedy output for translation if `with_bleu`."""
+    """Validation loss/perplexity, and BLEU/chrF of decoded output for translation if `with_bleu`
+    (greedy, or beam search of valid_beam_size), on bleu_examples sentences (0: all)."""
     c = exp.config
-    bleu = c.bleu_examples if with_bleu and c.bleu_examples > 0 else None
-    result = evaluation.evaluate(exp, params, max_batches=c.eval_batches, bleu_examples=bleu)
+    bleu = None
+    if with_bleu and exp.task.translates:
+        bleu = c.bleu_examples if c.bleu_examples > 0 else (0 if c.valid_metric in ("bleu", "chrf") else None)
+    decode = {}
+    if c.get("valid_beam_size", 1) > 1:
+        decode["decode_fn"] = tasks.translate_fn(
+            exp.inference_model, beam_size=c.valid_beam_size, alpha=0.6, max_decode_length=c.max_decode_length
+        )
+    result = evaluation.evaluate(exp, params, max_batches=c.eval_batches, bleu_examples=bleu, **decode)
     return {k: v for k, v in result.items() if k not in ("hypotheses", "sources", "references")}
+
+
+def _eval_weights(state):
+    """The weights validation scores: the moving average when the run keeps one (as eval.py reads)."""
+    return state.params if state.ema_params is None else state.ema_params
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -41,7 +64,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         exp = experiment.build(config, workdir)
         logging.info("model config: %s", exp.model.config)
         state = train(exp, stop)
-        final = evaluate(exp, state.params, with_bleu=True)
+        final = evaluate(exp, _eval_weights(state), with_bleu=True)
     finally:
         stop.close()
         lock.release()
@@ -79,6 +102,12 @@ def train(exp, stop: runtime.StopRequests):
     logger = reporting.Logger(workdir, resume_step=start)
     config_json = json.loads(config.to_json_best_effort())
     window = reporting.MetricsWindow(start, carried=reporting.load_window(workdir, start))
+    early = validation.EarlyStopping.from_log(workdir, config)  # the scores logged up to `start`
+    if early.stopped:  # the run stopped early before: resuming it is a no-op, as for a finished run
+        logging.info("%s", early.reason)
+        ckpt.close()
+        logger.close()
+        return state
     bar = tqdm.tqdm(
         total=config.num_train_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
         disable=jax.process_index() != 0,
@@ -92,7 +121,8 @@ def train(exp, stop: runtime.StopRequests):
             bar.update(1)
             is_last, stopped = step == config.num_train_steps, stop.requested(step, ckpt.manager)
             log = step % config.log_every == 0 or is_last
-            save = step % config.checkpoint_every == 0 or is_last or stopped
+            scored = validation.evaluates_at(config, step, is_last) and not stopped
+            save = step % config.checkpoint_every == 0 or is_last or stopped or (scored and early.keeps_best)
             # Before any save: a non-finite loss stops the run here, so it is never checkpointed.
             if log:
                 summary = window.sync(step, last_good=ckpt.set_aside_unhealthy)
@@ -101,18 +131,24 @@ def train(exp, stop: runtime.StopRequests):
             elif save:  # between rows: the steps since the last row go on into the next one
                 summary = window.peek(last_good=ckpt.set_aside_unhealthy)
                 window.save(workdir, step)  # a run resumed from this step logs the same rows
-            if save:
-                loss, force = summary["loss"], is_last or bool(stopped)
-                ckpt.save(
-                    step, state, train_iter, config_json, force=force, loss=loss, healthy=window.healthy
-                )
-            if stopped:
-                break
-            if config.eval_every and step % config.eval_every == 0 and not is_last:
-                with_bleu = bool(config.bleu_every) and step % config.bleu_every == 0
-                result = evaluate(exp, state.params, with_bleu)
+            scores = None
+            if scored:  # before the save: the checkpoint of this step carries its score
+                result = evaluate(exp, _eval_weights(state), validation.decodes_at(config, step))
                 logger.write(step, "eval", result)
                 logging.info("step %d eval: %s", step, _printable(result))
+                scores = early.add(step, result)
+            if save:
+                loss, force = summary["loss"], is_last or bool(stopped) or scores is not None
+                ckpt.save(
+                    step, state, train_iter, config_json, force=force, loss=loss, healthy=window.healthy,
+                    scores=scores,
+                )  # fmt: skip
+            if stopped:
+                break
+            if early.stopped:
+                logging.warning("%s", early.reason)
+                bar.write(early.reason)
+                break
     bar.close()
     ckpt.close()
     logger.close()

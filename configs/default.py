@@ -69,6 +69,7 @@ def get_config():
     c.weight_decay = 0.0  # > 0: AdamW, decaying matrices only
     c.clip_norm = 0.0  # global-norm gradient clipping; 0 = off
     c.label_smoothing = 0.1
+    c.ema_decay = 0.0  # > 0: keep an exponential moving average of the params (eval.py uses it)
     c.scheduled_sampling_max_prob = 0.0  # translation only: feed own predictions with this prob...
     c.scheduled_sampling_ramp_steps = 10_000  # ...reached linearly after this many steps
     # ---- parallelism (mesh sizes; one may be -1 = all remaining devices)
@@ -86,6 +87,12 @@ def get_config():
     c.bleu_every = 5000  # steps between BLEU on the eval split (translation); 0 = only at the end
     c.bleu_examples = 256  # sentences decoded for BLEU during training
     c.max_decode_length = 128
+    # The validation metric that picks the model: "" (loss every eval_every, greedy BLEU every
+    # bleu_every) | loss | perplexity | bleu | chrf (scored every eval_every and at the last step).
+    c.valid_metric = ""
+    c.valid_beam_size = 1  # decoding of the validation BLEU/chrF (1 = greedy)
+    c.keep_best = 0  # also keep the checkpoints of the K best validation scores (needs valid_metric)
+    c.patience = 0  # stop after this many evaluations without a better score (0 = never)
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.async_checkpoints = True

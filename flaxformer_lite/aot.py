@@ -68,7 +68,7 @@ def _attention_flops(exp, length: int) -> int:
 def train_program(exp) -> Program:
     """train.py's jitted train step (state donated), on abstract sharded state and batch."""
     B, T = exp.batch_shape
-    state, shardings = training.state_shardings(exp.model, exp.tx, exp.task, exp.batch_shape, exp.mesh)
+    state, shardings = exp.abstract_state()
     rows = sharding.batch_sharding(exp.mesh)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rows) for k in exp.task.example_batch(1, 1)}
     fused = 3 * B * _attention_flops(exp, T)

@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flaxformer_lite import files
+from flaxformer_lite import checksums, files, validation
 
 
 class CheckpointMismatchError(ValueError):
@@ -69,6 +69,33 @@ class _NewestHealthy:
         return [bool(healthy) and i == healthy[-1] for i in range(len(checkpoints))]
 
 
+def best_steps(scores: list[tuple[int, float]], mode: str, n: int) -> list[int]:
+    """The `n` best steps of (step, score) pairs, best first: highest scores for mode "max", lowest
+    for "min"; NaN ranks last; of equal scores the earlier step ranks first (it got there first)."""
+
+    def key(item):
+        step, score = item
+        nan = score != score
+        return (nan, 0.0 if nan else (-score if mode == "max" else score), step)
+
+    return [step for step, _ in sorted(scores, key=key)[:n]]
+
+
+@dataclasses.dataclass
+class _BestScores:
+    """orbax preservation policy: keep the `n` steps with the best validation `metric`."""
+
+    metric: str
+    mode: str
+    n: int
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        scored = [(i, (c.metrics or {}).get(self.metric)) for i, c in enumerate(checkpoints)]
+        keep = set(best_steps([(i, v) for i, v in scored if v is not None], self.mode, self.n))
+        return [i in keep for i in range(len(checkpoints))]
+
+
 class Checkpointer:
     """Saves every `save_every` steps (and when forced), keeps the newest `keep`, asynchronously.
 
@@ -76,10 +103,19 @@ class Checkpointer:
     unhealthy ones come after it, so a run that diverges can always go back to it.
     """
 
-    def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True, keep_best: int = 0,
+        metric: str = "", mode: str = "max",
+    ):  # fmt: skip
+        """keep_best: also keep the `keep_best` steps with the best validation `metric` (a key of
+        the `scores` given to `save`; mode "max" or "min"), whatever their age."""
         self.directory = os.path.abspath(directory)
+        self.metric, self.mode = metric, mode
         policies = ocp.checkpoint_managers
-        keep_policy = policies.AnyPreservationPolicy([policies.LatestN(keep), _NewestHealthy()])
+        keep_policy = [policies.LatestN(keep), _NewestHealthy()]
+        if keep_best:
+            keep_policy.append(_BestScores(metric, mode, keep_best))
+        keep_policy = policies.AnyPreservationPolicy(keep_policy)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
             preservation_policy=keep_policy,
@@ -94,6 +130,8 @@ class Checkpointer:
             "state": ocp.StandardCheckpointHandler(),  # the 0.1 layout, read only
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
+            "ema": ocp.StandardCheckpointHandler(),  # the params' moving average, when kept
+            "checksums": ocp.JsonCheckpointHandler(),  # of every array item (checksums.py)
         }
         self._saving = None  # the step whose (async) save may still be in flight
         # Handlers registered up front so a new process can read metadata before any save.
@@ -101,14 +139,22 @@ class Checkpointer:
 
     def save(
         self, step: int, state, data_iterator=None, config: dict | None = None, *, force=False, loss=None,
-        healthy: bool = True,
+        healthy: bool = True, scores: dict | None = None,
     ) -> bool:  # fmt: skip
         """Start saving (returns at once when async); True if this step was saved.
 
-        `loss` and `healthy` (the loss was finite and not exploding) are stored with the step.
+        `loss`, `healthy` (the loss was finite and not exploding) and the validation `scores` are
+        stored with the step; so are the checksums of its arrays, which every restore checks.
         """
+        if not force and not self.manager.should_save(step):
+            return False
         opt = {"step": state.step, "opt_state": state.opt_state}
-        items = {"params": ocp.args.StandardSave(state.params), "opt": ocp.args.StandardSave(opt)}
+        arrays = {"params": state.params, "opt": opt}
+        if state.ema_params is not None:
+            arrays["ema"] = state.ema_params
+        items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+        sums = {name: checksums.tree_checksums(tree) for name, tree in arrays.items()}
+        items["checksums"] = ocp.args.JsonSave(sums)
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -116,9 +162,21 @@ class Checkpointer:
         self.wait()  # an error of the previous (async) save surfaces here, under its own step
         with self._write_errors(step):
             metrics = {"healthy": float(healthy), **({} if loss is None else {"loss": float(loss)})}
+            metrics.update({k: float(v) for k, v in (scores or {}).items()})
             saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
         self._saving = step if saved else None
         return saved
+
+    def save_params(self, step: int, params, config: dict) -> None:
+        """A checkpoint of params alone (an average of checkpoints), read like any other by readers."""
+        items = {
+            "params": ocp.args.StandardSave(params),
+            "config": ocp.args.JsonSave(config),
+            "checksums": ocp.args.JsonSave({"params": checksums.tree_checksums(params)}),
+        }
+        with self._write_errors(step):
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self.manager.wait_until_finished()
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete."""
@@ -196,19 +254,32 @@ class Checkpointer:
                 opt = {"step": abstract_state.step, "opt_state": abstract_state.opt_state}
                 items = {"params": ocp.args.StandardRestore(abstract_state.params)}
                 items["opt"] = ocp.args.StandardRestore(opt)
+                if abstract_state.ema_params is not None and "ema" in saved:
+                    items["ema"] = ocp.args.StandardRestore(abstract_state.ema_params)
             if data_iterator is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             out = self.manager.restore(s, args=ocp.args.Composite(**items))
             if "state" in out and out["state"] is not None:
                 return out["state"]
+            self._verify(s, {name: out[name] for name in ("params", "opt", "ema") if name in items})
+            ema = (
+                out["ema"]
+                if "ema" in items
+                else (None if abstract_state.ema_params is None else out["params"])
+            )
             return abstract_state.replace(
-                step=out["opt"]["step"], params=out["params"], opt_state=out["opt"]["opt_state"]
+                step=out["opt"]["step"],
+                params=out["params"],
+                opt_state=out["opt"]["opt_state"],
+                ema_params=ema,
             )
 
         return self._newest_readable(read, step)
 
-    def restore_params(self, abstract_params, step: int | None = None):
-        """(step, params) from the newest readable checkpoint (or `step`), without optimizer state."""
+    def restore_params(self, abstract_params, step: int | None = None, item: str = "params"):
+        """(step, params) from the newest readable checkpoint (or `step`), without optimizer state.
+
+        item: "params", or "ema" for the moving average of the params (where the run kept one)."""
 
         def read(s, saved):
             if "state" in saved:  # the 0.1 layout: read the whole state (replicated), keep params
@@ -225,11 +296,53 @@ class Checkpointer:
                 return jax.device_put(
                     state["state"]["params"], jax.tree.map(lambda x: x.sharding, abstract_params)
                 )
-            _check_shapes({"params": saved["params"]}, {"params": abstract_params}, s, self)
-            items = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-            return self.manager.restore(s, args=items)["params"]
+            if item not in saved:
+                raise CheckpointMismatchError(
+                    f"checkpoint step {s} in {self.directory!r} holds no {item!r} weights (the run kept "
+                    "no moving average: train with --config.ema_decay, or read --weights=raw)"
+                )
+            _check_shapes({"params": saved[item]}, {"params": abstract_params}, s, self)
+            params = self.manager.restore(
+                s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)})
+            )[item]
+            self._verify(s, {item: params})
+            return params
 
         return self._newest_readable(read, step, move_aside=False)
+
+    def _verify(self, step: int, restored: dict) -> None:
+        """Raise if a restored item's checksums differ from those saved with it (damaged files)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
+            return  # written before checksums were saved
+        saved = self.manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
+        for name, tree in restored.items():
+            wrong = checksums.first_difference(
+                saved["checksums"].get(name, {}), checksums.tree_checksums(tree)
+            )
+            if wrong is not None:
+                raise ValueError(
+                    f"the checksum of {name}{wrong} differs from the one saved with it: its files are damaged"
+                )
+
+    def best_step(self) -> int | None:
+        """The step with the best validation score among the checkpoints kept (None without scores).
+
+        The score is this Checkpointer's metric, or else the one the checkpoints carry (a reader
+        whose config does not name the valid_metric the run was trained with)."""
+        metric, mode, scores = self.scores()
+        ranked = best_steps(scores, mode, 1)
+        return ranked[0] if ranked else None
+
+    def scores(self) -> tuple[str, str, list[tuple[int, float]]]:
+        """(metric, mode, [(step, score)]) of the checkpoints kept: this Checkpointer's metric, or
+        else the one the checkpoints carry (a reader whose config does not name the run's valid_metric)."""
+        metrics = {s: self.manager.metrics(s) or {} for s in self.steps()}
+        metric, mode = self.metric, self.mode
+        if metric not in {k for m in metrics.values() for k in m}:
+            carried = sorted({k for m in metrics.values() for k in m if k.startswith("valid_")})
+            metric = carried[0] if carried else metric
+            mode = next((way for key, way in validation.METRICS.values() if f"valid_{key}" == metric), mode)
+        return metric, mode, [(s, m[metric]) for s, m in metrics.items() if metric in m]
 
     def _newest_readable(self, read, step: int | None, move_aside: bool = True):
         """read(step, item metadata) of the newest step that reads (or of `step`); None if none exist.
@@ -279,7 +392,9 @@ class Checkpointer:
     def _item_trees(self, step: int) -> dict:
         """{item name: tree of array metadata} of the array items a step holds."""
         names = [
-            n for n in ("params", "opt", "state") if os.path.isdir(os.path.join(self.directory, str(step), n))
+            n
+            for n in ("params", "opt", "state", "ema")
+            if os.path.isdir(os.path.join(self.directory, str(step), n))
         ]
         if "params" not in names and "state" not in names:
             raise ValueError("it holds neither a params nor a state item")

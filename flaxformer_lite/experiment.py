@@ -20,7 +20,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from flaxformer_lite import checkpoint, datasets, runtime, sharding, tasks, training
+from flaxformer_lite import checkpoint, datasets, files, runtime, sharding, tasks, training, validation
 from flaxformer_lite import input_pipeline as ip
 from flaxformer_lite.config import ModelConfig, preset
 from flaxformer_lite.models import variant
@@ -103,6 +103,30 @@ def validate(config) -> None:
         config.scheduled_sampling_max_prob == 0 or task.translates,
         f"scheduled sampling is for translation tasks, not task={task.name!r}",
     )
+    _validate_selection(config, task, need)
+
+
+def _validate_selection(config, task, need) -> None:
+    """valid_metric, keep_best, patience, ema_decay: choosing and averaging models."""
+    name = config.get("valid_metric", "")
+    need(
+        not name or name in validation.METRICS,
+        f"valid_metric={name!r}; use one of {sorted(validation.METRICS)}",
+    )
+    need(
+        name not in ("bleu", "chrf") or task.translates,
+        f"valid_metric={name!r} needs a translation task, not task={task.name!r}; use loss or perplexity",
+    )
+    for field in ("keep_best", "patience"):
+        value = config.get(field, 0)
+        need(value >= 0, f"{field}={value} must be >= 0")
+        need(not value or name, f"{field}={value} needs a --config.valid_metric to rank by (e.g. bleu)")
+        need(not value or config.eval_every > 0, f"{field}={value} needs eval_every > 0")
+    need(
+        config.get("valid_beam_size", 1) >= 1, f"valid_beam_size={config.get('valid_beam_size')} must be >= 1"
+    )
+    decay = config.get("ema_decay", 0.0)
+    need(0.0 <= decay < 1.0, f"ema_decay={decay} must be in [0, 1) (0 = off; e.g. 0.999)")
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
@@ -242,9 +266,22 @@ class Experiment:
             split=split,
         )
 
+    @property
+    def ema(self) -> bool:
+        """Whether the train state keeps an exponential moving average of the params."""
+        return bool(self.config.get("ema_decay"))
+
     def init_state(self, rng: jax.Array):
         """(TrainState, shardings), initialised directly sharded on the mesh."""
-        return training.create_train_state(self.model, self.tx, rng, self.task, self.batch_shape, self.mesh)
+        return training.create_train_state(
+            self.model, self.tx, rng, self.task, self.batch_shape, self.mesh, ema=self.ema
+        )
+
+    def abstract_state(self):
+        """(abstract TrainState, shardings): what `init_state` makes, with nothing allocated."""
+        return training.state_shardings(
+            self.model, self.tx, self.task, self.batch_shape, self.mesh, ema=self.ema
+        )
 
     def train_step(self, shardings):
         """The jitted train step: state sharded as `shardings` (donated), batch over data x fsdp."""
@@ -261,6 +298,7 @@ class Experiment:
             label_smoothing=c.label_smoothing,
             grad_accum_steps=c.grad_accum_steps,
             sampling_schedule=sampling,
+            ema_decay=c.get("ema_decay", 0.0),
         )
         with jax.set_mesh(self.mesh):
             return jax.jit(
@@ -277,7 +315,10 @@ class Experiment:
     def checkpointer(self, **kwargs) -> checkpoint.Checkpointer:
         c = self.config
         options = dict(save_every=c.checkpoint_every, keep=c.keep_checkpoints, async_save=c.async_checkpoints)
-        return checkpoint.Checkpointer(self.checkpoint_dir, **{**options, **kwargs})
+        key, mode = validation.metric(c) or ("", "max")
+        options.update(keep_best=c.get("keep_best", 0), metric=f"valid_{key}", mode=mode)
+        directory = kwargs.pop("directory", self.checkpoint_dir)
+        return checkpoint.Checkpointer(directory, **{**options, **kwargs})
 
     def imported_params(self, shardings):
         """The params of the `init_from_hf` checkpoint, placed as `shardings` (a matching tree)."""
@@ -311,32 +352,61 @@ class Experiment:
         tx, schedule = make_optimizer(config, self.model.config.d_model)
         return dataclasses.replace(self, config=config, tx=tx, schedule=schedule)
 
-    def restore_params(self, step: int | None = None):
-        """(step, params) of the newest (or given) readable checkpoint; never reads optimizer state.
+    def restore_params(self, step: int | None = None, *, checkpoint: str = "last", weights: str = "auto"):
+        """(step, params) of a readable checkpoint; never reads optimizer state.
 
+        checkpoint: "last" (the newest readable one), "best" (the best validation score kept:
+        `valid_metric` / `keep_best`), "averaged" (what `python -m flaxformer_lite.average` wrote) or
+        a step number; `step` (an int) is the same as checkpoint=str(step). weights: "ema" (the
+        params' moving average), "raw", or "auto" (the average where the run kept one).
         With `init_from_hf` and no checkpoint in the workdir: (0, the imported params).
         """
-        ckpt_dir = self.checkpoint_dir
+        checkpoint = str(step) if step is not None else checkpoint
+        ckpt_dir = self.averaged_dir if checkpoint == "averaged" else self.checkpoint_dir
         has_checkpoints = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
-        if self.config.get("init_from_hf") and step is None and not has_checkpoints:
-            abstract = training.abstract_params(self.model, self.task, self.batch_shape, self.mesh)
-            return 0, self.imported_params(jax.tree.map(lambda a: a.sharding, abstract))
-        if not os.path.isdir(ckpt_dir):  # checked first: opening a Checkpointer creates the directory
-            raise FileNotFoundError(
-                f"no checkpoints in {ckpt_dir!r}; train first: python train.py --config=... "
-                f"--workdir={self.workdir}"
-            )
         abstract = training.abstract_params(self.model, self.task, self.batch_shape, self.mesh)
-        ckpt = self.checkpointer(save_every=1)
+        if self.config.get("init_from_hf") and checkpoint == "last" and not has_checkpoints:
+            return 0, self.imported_params(jax.tree.map(lambda a: a.sharding, abstract))
+        if not has_checkpoints:  # checked first: opening a Checkpointer creates the directory
+            hint = (
+                "average first: python -m flaxformer_lite.average"
+                if checkpoint == "averaged"
+                else "train first"
+            )
+            raise FileNotFoundError(f"no checkpoints in {ckpt_dir!r}; {hint} (--workdir={self.workdir}).")
+        ckpt = self.checkpointer(save_every=1, directory=ckpt_dir)
         try:
-            restored = ckpt.restore_params(abstract, step=step)
+            wanted = self._resolve(ckpt, checkpoint)
+            item = _weights_item(ckpt, wanted, weights)
+            restored = ckpt.restore_params(abstract, step=wanted, item=item)
             if restored is not None:
                 self._check_model_matches(ckpt.saved_config(restored[0]), restored[0])
+                logging.info("read the %s weights of step %d in %s", item, restored[0], ckpt_dir)
         finally:
             ckpt.close()
         if restored is None:
             raise FileNotFoundError(f"{ckpt_dir!r} holds no checkpoint; train first with train.py.")
         return restored
+
+    @property
+    def averaged_dir(self) -> str:
+        return os.path.join(self.workdir, "averaged")
+
+    def _resolve(self, ckpt: checkpoint.Checkpointer, which: str) -> int | None:
+        """The step that "last" / "averaged" (None: the newest readable), "best" or "<step>" names."""
+        if which in ("last", "averaged"):
+            return None
+        if which == "best":
+            best = ckpt.best_step()
+            if best is None:
+                raise FileNotFoundError(
+                    f"no checkpoint in {ckpt.directory!r} carries a validation score ({ckpt.metric}); train "
+                    "with --config.valid_metric=bleu (or loss, ...) and --config.keep_best=K."
+                )
+            return best
+        if not which.isdigit():
+            raise ValueError(f"--checkpoint={which!r}; use last, best, averaged or a step number")
+        return int(which)
 
     def _check_model_matches(self, saved: dict | None, step: int) -> None:
         """Refuse params trained with other architecture fields (same shapes, other function)."""
@@ -356,6 +426,18 @@ class Experiment:
                 + "; ".join(differ)
                 + ". Use the config it was trained with (or set those --config.model.overrides)."
             )
+
+
+def _weights_item(ckpt: checkpoint.Checkpointer, step: int | None, weights: str) -> str:
+    """The checkpoint item to read: "ema" or "params" (auto: the average where the step holds one)."""
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"--weights={weights!r}; use auto, ema or raw")
+    if weights != "auto":
+        return "params" if weights == "raw" else "ema"
+    steps = ckpt.steps()
+    newest = step if step is not None else (steps[-1] if steps else None)
+    has_ema = newest is not None and os.path.isdir(os.path.join(ckpt.directory, str(newest), "ema"))
+    return "ema" if has_ema else "params"
 
 
 def build(
@@ -433,8 +515,8 @@ def _check_tokenizer_options(path: str, options: dict) -> None:
     """A workdir's tokenizer trained with other options (vocab_size, ...) is never silently reused."""
     if not os.path.exists(path + ".options.json"):
         return
-    with open(path + ".options.json") as f:
-        saved = json.load(f)
+    fix = f"delete it and {path!r}, then rerun train.py (it trains the tokenizer again)"
+    saved = files.read_json(path + ".options.json", fix)
     differ = [
         f"{k}={saved[k]!r} there but {v!r} here" for k, v in options.items() if k in saved and saved[k] != v
     ]

@@ -28,6 +28,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    ema_params: Any = None  # exponential moving average of params, sharded like them (None: off)
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -83,12 +84,15 @@ def make_optimizer(
 # ------------------------------------------------------------------------------ state
 
 
-def _init_fn(model: nn.Module, tx, task: Task, batch_shape: tuple[int, int]):
+def _init_fn(model: nn.Module, tx, task: Task, batch_shape: tuple[int, int], ema: bool = False):
     batch = task.example_batch(*batch_shape)
 
     def init(rng):
         params = task.init(model, rng, batch)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            ema_params=params if ema else None,
+        )  # fmt: skip
 
     return init
 
@@ -106,10 +110,10 @@ def _abstract(init, mesh, rules):
 
 
 def state_shardings(
-    model: nn.Module, tx, task: Task, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES
+    model: nn.Module, tx, task: Task, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES, ema=False
 ):
     """(abstract state, shardings): ShapeDtypeStructs carrying shardings, with nothing allocated."""
-    return _abstract(_init_fn(model, tx, task, batch_shape), mesh, rules)
+    return _abstract(_init_fn(model, tx, task, batch_shape, ema), mesh, rules)
 
 
 def abstract_params(model: nn.Module, task: Task, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES):
@@ -119,11 +123,12 @@ def abstract_params(model: nn.Module, task: Task, batch_shape: tuple[int, int], 
 
 
 def create_train_state(
-    model: nn.Module, tx, rng, task: Task, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES
+    model: nn.Module, tx, rng, task: Task, batch_shape: tuple[int, int], mesh, rules=DEFAULT_RULES, ema=False
 ):
-    """Initialise params and optimizer state directly sharded on `mesh`. Returns (state, shardings)."""
-    init = _init_fn(model, tx, task, batch_shape)
-    _, shardings = state_shardings(model, tx, task, batch_shape, mesh, rules)
+    """Initialise params and optimizer state (and, with `ema`, the params' moving average) directly
+    sharded on `mesh`. Returns (state, shardings)."""
+    init = _init_fn(model, tx, task, batch_shape, ema)
+    _, shardings = state_shardings(model, tx, task, batch_shape, mesh, rules, ema)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings
@@ -166,8 +171,10 @@ def train_step(
     label_smoothing: float = 0.0,
     grad_accum_steps: int = 1,
     sampling_schedule: Callable | None = None,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict]:
-    """One optimizer update from `batch` (split into `grad_accum_steps` micro-batches)."""
+    """One optimizer update from `batch` (split into `grad_accum_steps` micro-batches); with an
+    `ema_params` state, also their moving average (`ema_update`)."""
     step_rng = jax.random.fold_in(rng, state.step)
     prob = None if sampling_schedule is None else sampling_schedule(state.step)
     grad_fn = jax.value_and_grad(
@@ -192,9 +199,9 @@ def train_step(
     denom = jnp.maximum(denom, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
-    )
+    params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema_params is None else ema_update(state.ema_params, params, state.step, ema_decay)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     metrics = {
         "loss": loss / denom,
         "nll": nll / denom,
@@ -206,6 +213,15 @@ def train_step(
     if prob is not None:
         metrics["sampling_prob"] = prob
     return new_state, metrics
+
+
+def ema_update(ema, params, step: jax.Array, decay: float):
+    """ema <- d * ema + (1 - d) * params with d = min(decay, (1 + step) / (10 + step)): the average
+    forgets its random start within the first steps (TensorFlow's ExponentialMovingAverage with
+    num_updates). One elementwise pass over the params, fused by XLA with the optimizer update."""
+    t = step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
 
 
 def eval_step(params, batch: dict, *, model: nn.Module, task: Task) -> dict:

@@ -144,3 +144,12 @@ def _flatten(tree, prefix=()):
             out.update(_flatten(v, prefix + (k,)))
         return out
     return {prefix: tree}
+
+
+def script(*command, stdin=None):
+    """eval.py / generate.py (or "-m", module) with the tiny config and `command`'s flags, to the end."""
+    program, flags = (command[:2], command[2:]) if command[0] == "-m" else (command[:1], command[1:])
+    return subprocess.run(
+        [sys.executable, *program, "--config=tests/tiny_config.py", *flags],
+        cwd=ROOT, env=environment(), input=stdin, capture_output=True, timeout=TIMEOUT,
+    )  # fmt: skip

@@ -1,0 +1,107 @@
+"""Average the params of several checkpoints of a run into one checkpoint that eval.py and generate.py read.
+
+    python -m flaxformer_lite.average --config=configs/quickstart.py --workdir=runs/quickstart --last=5
+    python -m flaxformer_lite.average --config=configs/quickstart.py --workdir=runs/quickstart --best=5
+    python eval.py --config=configs/quickstart.py --workdir=runs/quickstart --checkpoint=averaged
+
+--last=N takes the newest N checkpoints, --best=N the N with the best validation score (a run
+trained with --config.valid_metric and --config.keep_best). The mean is taken in float64 and
+stored as the params' dtype in <workdir>/averaged/<newest step>/ (params, config with
+`averaged_from`, checksums), replacing an earlier average. The raw params are averaged, or with
+--weights=ema the moving averages the run kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from flaxformer_lite import checkpoint, cli, experiment, training
+
+
+def choose_steps(ckpt: checkpoint.Checkpointer, last: int = 0, best: int = 0) -> list[int]:
+    """The newest `last` steps, or the `best` steps by validation score (best first)."""
+    if bool(last) == bool(best):
+        raise ValueError("give one of --last=N or --best=N (N >= 1)")
+    steps, n = ckpt.steps(), last or best
+    if best:
+        metric, mode, scores = ckpt.scores()
+        steps = checkpoint.best_steps(scores, mode, n)
+        what = f"checkpoints with a validation score ({metric})"
+    else:
+        steps, what = steps[-n:], "checkpoints"
+    if len(steps) < n:
+        raise ValueError(
+            f"asked to average {n} but {ckpt.directory!r} holds {len(steps)} {what}: average fewer, or keep "
+            "more when training (--config.keep_checkpoints, --config.keep_best with --config.valid_metric)"
+        )
+    return steps
+
+
+def average(exp, steps: list[int], item: str = "params"):
+    """The mean of the `item` weights of `steps` (float64 on the host, cast back), placed as the model's
+    params. Every step must have been written by this model: shapes and architecture are checked."""
+    abstract = training.abstract_params(exp.model, exp.task, exp.batch_shape, exp.mesh)
+    ckpt = exp.checkpointer(save_every=1)
+    total = None
+    try:
+        for step in steps:
+            _, params = ckpt.restore_params(abstract, step=step, item=item)  # shapes, checksums
+            exp._check_model_matches(ckpt.saved_config(step), step)  # same shapes, other architecture
+            host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float64), params)
+            total = host if total is None else jax.tree.map(np.add, total, host)
+        config = ckpt.saved_config(max(steps)) or {}
+    finally:
+        ckpt.close()
+    mean = jax.tree.map(lambda t, a: (t / len(steps)).astype(a.dtype), total, abstract)
+    return jax.tree.map(lambda m, a: jax.device_put(m, a.sharding), mean, abstract), config
+
+
+def write(exp, steps: list[int], params, config: dict, how: str) -> str:
+    """Replace <workdir>/averaged with one checkpoint of `params` at the newest of `steps`."""
+    shutil.rmtree(exp.averaged_dir, ignore_errors=True)  # our own output: an earlier average
+    ckpt = checkpoint.Checkpointer(exp.averaged_dir, save_every=1, async_save=False)
+    try:
+        ckpt.save_params(max(steps), params, {**config, "averaged_from": sorted(steps), "average": how})
+    finally:
+        ckpt.close()
+    return exp.averaged_dir
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
+flags.DEFINE_string("workdir", None, "The training workdir.")
+flags.DEFINE_integer("last", 0, "Average the newest N checkpoints.", lower_bound=0)
+flags.DEFINE_integer("best", 0, "Average the N checkpoints with the best validation score.", lower_bound=0)
+flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "Average the raw params or their moving averages.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cli.quiet_console()
+    try:
+        if not FLAGS.workdir:
+            raise ValueError("--workdir is required (the training workdir)")
+        exp = experiment.build(_CONFIG.value, FLAGS.workdir, tokenizer="load")
+        ckpt = exp.checkpointer(save_every=1)
+        try:
+            steps, metric = choose_steps(ckpt, FLAGS.last, FLAGS.best), ckpt.scores()[0]
+        finally:
+            ckpt.close()
+        item = "ema" if FLAGS.weights == "ema" else "params"
+        params, config = average(exp, steps, item)
+        how = f"last {FLAGS.last}" if FLAGS.last else f"best {FLAGS.best} by {metric}"
+        where = write(exp, steps, params, config, how)
+        logging.info("averaged steps %s into %s", steps, where)
+        print(f"averaged the {item} of steps {sorted(steps)} ({how}) into {where} (--checkpoint=averaged)")
+    except cli.USER_ERRORS as e:
+        cli.exit_with_error(e)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,115 @@
+"""Validation during training: the metric that picks the model, when it is scored, and early stopping.
+
+`valid_metric` names what evaluation result ranks checkpoints: "bleu" or "chrf" (translation,
+decoded greedily or with beam search of `valid_beam_size`), "loss" or "perplexity" (any task).
+With it set, train.py scores the validation split every `eval_every` steps and at the last step,
+saves a checkpoint there carrying the score (`valid_<key>` in the checkpoint's metrics), keeps
+the `keep_best` best of them beside the newest ones, and stops after `patience` evaluations
+without improvement. The history lives in metrics.jsonl's eval rows, so a resumed run knows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+# valid_metric -> (evaluation result key, which way is better)
+METRICS = {
+    "loss": ("nll", "min"),
+    "perplexity": ("perplexity", "min"),
+    "bleu": ("bleu", "max"),
+    "chrf": ("chrf", "max"),
+}
+
+
+def metric(config) -> tuple[str, str] | None:
+    """(result key, "max" | "min") of the config's valid_metric, or None if it has none."""
+    name = config.get("valid_metric", "")
+    return METRICS[name] if name else None
+
+
+def evaluates_at(config, step: int, is_last: bool) -> bool:
+    """Whether train.py scores the validation split after `step`."""
+    if not config.eval_every:
+        return False
+    if metric(config):
+        return step % config.eval_every == 0 or is_last
+    return step % config.eval_every == 0 and not is_last  # the final evaluation follows the loop
+
+
+def decodes_at(config, step: int) -> bool:
+    """Whether that evaluation decodes text (BLEU/chrF) besides the loss."""
+    if config.get("valid_metric", "") in ("bleu", "chrf"):
+        return True
+    return bool(config.bleu_every) and step % config.bleu_every == 0
+
+
+def improves(score: float, best: float | None, mode: str) -> bool:
+    """Strictly better than `best` (NaN never is; anything beats no score yet)."""
+    if math.isnan(score):
+        return False
+    return best is None or (score > best if mode == "max" else score < best)
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """The scores so far, the best one, and whether `patience` evaluations have passed without one."""
+
+    key: str | None
+    mode: str
+    patience: int
+    keep_best: int
+    history: list = dataclasses.field(default_factory=list)  # (step, score)
+
+    @classmethod
+    def from_log(cls, workdir: str, config) -> EarlyStopping:
+        """Built from the eval rows of metrics.jsonl (the rows up to the step a run resumes from)."""
+        key, mode = metric(config) or (None, "max")
+        early = cls(key, mode, config.get("patience", 0), config.get("keep_best", 0))
+        path = os.path.join(workdir, "metrics.jsonl")
+        if key and os.path.exists(path):
+            scores = {}
+            for line in open(path):
+                row = json.loads(line)
+                if row.get("split") == "eval" and key in row:
+                    scores[row["step"]] = row[key]  # a step evaluated twice (the final eval): once
+            early.history = sorted(scores.items())
+        return early
+
+    @property
+    def keeps_best(self) -> bool:
+        return bool(self.key and self.keep_best)
+
+    def add(self, step: int, result: dict) -> dict | None:
+        """Record `step`'s evaluation; the scores its checkpoint carries ({"valid_<key>": score})."""
+        if not self.key or self.key not in result:
+            return None
+        self.history.append((step, float(result[self.key])))
+        return {f"valid_{self.key}": float(result[self.key])}
+
+    @property
+    def best(self) -> tuple[int, float] | None:
+        best = None
+        for step, score in self.history:
+            if improves(score, None if best is None else best[1], self.mode):
+                best = (step, score)
+        return best
+
+    @property
+    def stopped(self) -> bool:
+        if not (self.key and self.patience and self.history):
+            return False
+        best = self.best
+        since = len(self.history) if best is None else sum(1 for s, _ in self.history if s > best[0])
+        return since >= self.patience
+
+    @property
+    def reason(self) -> str:
+        best = self.best
+        told = f"step {best[0]} ({self.key} {best[1]:.4g})" if best else "none (every score was NaN)"
+        return (
+            f"early stop at step {self.history[-1][0]}: validation {self.key} has not improved for "
+            f"{self.patience} evaluations; the best is {told}. eval.py --checkpoint=best reads it."
+        )
