@@ -22,152 +22,17 @@ from jax.sharding import Mesh
 
 from flaxformer_lite import checkpoint, datasets, files, runtime, sharding, tasks, training, validation
 from flaxformer_lite import input_pipeline as ip
-from flaxformer_lite.config import ModelConfig, preset
 from flaxformer_lite.models import variant
+from flaxformer_lite.run_config import (  # noqa: F401  (re-exported: experiment.validate, ...)
+    NOT_ARCHITECTURE,
+    RESUMABLE_CHANGES,
+    make_optimizer,
+    model_config,
+    resume_changes,
+    schedule_horizon,
+    validate,
+)
 from flaxformer_lite.tokenizer import load_or_train, load_sentencepiece
-
-# ModelConfig fields that change how a model runs, not what it computes.
-NOT_ARCHITECTURE = (
-    "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "deterministic", "decode",
-    "dropout_rate", "attention_dropout_rate", "max_len", "init_std", "max_segments",
-)  # fmt: skip
-
-
-# Config fields a resumed run may change: how long it runs, how often it logs, evaluates and saves,
-# where the prepared data lives, how the work is spread over devices and processes, and how the
-# model runs (not what it computes). Any other change on resume is refused (`resume_changes`).
-RESUMABLE_CHANGES = (
-    "num_train_steps", "log_every", "eval_every", "eval_batches", "bleu_every", "bleu_examples",
-    "max_decode_length", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "data_dir",
-    "mesh_data", "mesh_fsdp", "mesh_tensor", "distributed", "coordinator_address", "num_processes",
-    "process_id", "model.overrides.attention_impl", "model.overrides.remat_policy",
-)  # fmt: skip
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def resume_changes(saved: dict, config) -> tuple[list[str], list[str]]:
-    """(refused, allowed): the fields that differ between a checkpoint's saved config and `config`,
-    as "field: old -> new". Fields the saved config lacks (added to the code since) are not compared."""
-    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
-    refused, allowed = [], []
-    for key in sorted(old.keys() & new.keys()):
-        if old[key] != new[key]:
-            (allowed if key in RESUMABLE_CHANGES else refused).append(f"{key}: {old[key]!r} -> {new[key]!r}")
-    return refused, allowed
-
-
-def schedule_horizon(saved: dict | None, config) -> int:
-    """The steps a cosine schedule decays over: `schedule_steps` if set, else the num_train_steps the
-    run started with (read from its checkpoint's config). So extending a finished run goes on at the
-    schedule's final rate instead of restarting the decay."""
-    if config.get("schedule_steps"):
-        return config.schedule_steps
-    if saved:
-        return saved.get("schedule_steps") or saved.get("num_train_steps") or config.num_train_steps
-    return config.num_train_steps
-
-
-def validate(config) -> None:
-    """Fail early, naming the field and the fix."""
-
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(f"bad config: {msg}")
-
-    task = tasks.get(config.task)
-    need(config.num_train_steps >= 0, f"num_train_steps={config.num_train_steps} must be >= 0")
-    need(config.batch_size > 0, f"batch_size={config.batch_size} must be positive")
-    need(config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
-    need(
-        config.batch_size % config.grad_accum_steps == 0,
-        f"batch_size={config.batch_size} must be divisible by grad_accum_steps={config.grad_accum_steps}",
-    )
-    need(
-        config.batch_size % jax.process_count() == 0,
-        f"batch_size={config.batch_size} must be divisible by the {jax.process_count()} processes",
-    )
-    need(config.max_length >= 4, f"max_length={config.max_length} is too short; use at least 4")
-    need(config.checkpoint_every > 0, f"checkpoint_every={config.checkpoint_every} must be positive")
-    need(config.log_every > 0, f"log_every={config.log_every} must be positive")
-    need(0 <= config.label_smoothing < 1, f"label_smoothing={config.label_smoothing} must be in [0, 1)")
-    need(
-        config.scheduled_sampling_max_prob == 0 or task.translates,
-        f"scheduled sampling is for translation tasks, not task={task.name!r}",
-    )
-    _validate_selection(config, task, need)
-
-
-def _validate_selection(config, task, need) -> None:
-    """valid_metric, keep_best, patience, ema_decay: choosing and averaging models."""
-    name = config.get("valid_metric", "")
-    need(
-        not name or name in validation.METRICS,
-        f"valid_metric={name!r}; use one of {sorted(validation.METRICS)}",
-    )
-    need(
-        name not in ("bleu", "chrf") or task.translates,
-        f"valid_metric={name!r} needs a translation task, not task={task.name!r}; use loss or perplexity",
-    )
-    for field in ("keep_best", "patience"):
-        value = config.get(field, 0)
-        need(value >= 0, f"{field}={value} must be >= 0")
-        need(not value or name, f"{field}={value} needs a --config.valid_metric to rank by (e.g. bleu)")
-        need(not value or config.eval_every > 0, f"{field}={value} needs eval_every > 0")
-    need(
-        config.get("valid_beam_size", 1) >= 1, f"valid_beam_size={config.get('valid_beam_size')} must be >= 1"
-    )
-    decay = config.get("ema_decay", 0.0)
-    need(0.0 <= decay < 1.0, f"ema_decay={decay} must be in [0, 1) (0 = off; e.g. 0.999)")
-
-
-def model_config(config, vocab_size: int) -> ModelConfig:
-    """The preset with overrides; vocab from the tokenizer, max_len long enough for the data.
-
-    With `init_from_hf` the architecture is the imported checkpoint's, and only the overrides of
-    how it runs (dtype, dropout, remat, ...: NOT_ARCHITECTURE) apply.
-    """
-    overrides = {k: v for k, v in config.model.overrides.items() if v is not None}  # None = preset's value
-    if config.get("init_from_hf"):
-        from flaxformer_lite import interop
-
-        cfg = interop.config_from_dir(config.init_from_hf)
-        runtime_fields = {k: v for k, v in overrides.items() if k in NOT_ARCHITECTURE and k != "max_len"}
-        return cfg.replace(**runtime_fields, **({} if config.pack else {"max_segments": 1}))
-    overrides.pop("vocab_size", None)  # always the tokenizer's
-    if not config.pack:
-        overrides.setdefault("max_segments", 1)  # padded rows: one sequence each
-    cfg = preset(config.model.preset, vocab_size=vocab_size, **overrides)
-    need_len = max(config.max_length, config.max_decode_length)
-    return cfg if cfg.max_len >= need_len else cfg.replace(max_len=need_len)
-
-
-def make_optimizer(config, d_model: int):
-    """(tx, schedule) as configured (the cosine decays over schedule_steps, or num_train_steps if 0)."""
-    schedule = training.make_schedule(
-        config.schedule,
-        d_model=d_model,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.get("schedule_steps") or config.num_train_steps,
-    )
-    tx = training.make_optimizer(
-        schedule,
-        b1=config.b1,
-        b2=config.b2,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        clip_norm=config.clip_norm or None,
-    )
-    return tx, schedule
 
 
 @dataclasses.dataclass(frozen=True)
