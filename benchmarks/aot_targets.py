@@ -114,11 +114,16 @@ def table(path: str) -> None:
         _plot_long_context(rows, os.path.join(os.path.dirname(path), "long_context.png"))
         print("| target | T | attention | remat | temp GiB | total GiB | fits |")
         print("|---|---|---|---|---|---|---|")
-        for r in rows:
+        for r in sorted(
+            rows, key=lambda r: (r["key"].split("|")[0], r["key"].split("|")[2:], int(r["key"].split("|")[1]))
+        ):
             target, T, impl, remat = r["key"].split("|")
             b = r.get("per_device_bytes", {})
+            verdict = (
+                "yes" if r["fits"] else "no: " + r.get("error", "").split(": it needs ")[-1].split(";")[0]
+            )
             print(f"| {target} | {T} | {impl} | {remat} | {_gib(b.get('temp'))} | {_gib(b.get('total'))} | "
-                  f"{'yes' if r['fits'] else 'no'} |")  # fmt: skip
+                  f"{verdict} |")  # fmt: skip
     else:
         print("| target | mesh | argument GiB/device | collectives |")
         print("|---|---|---|---|")

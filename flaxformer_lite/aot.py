@@ -126,7 +126,11 @@ def _target_gpu(target: targets.Target):
         yield
 
 
-_HBM_OOM = re.compile(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm")
+# The TPU compiler's two ways of saying how much HBM a program needs and how much there is.
+_HBM_OOM = (
+    re.compile(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm"),
+    re.compile(r"required for [^(]*\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)"),
+)
 
 
 def compile_program(program: Program, exp, target: targets.Target):
@@ -138,7 +142,7 @@ def compile_program(program: Program, exp, target: targets.Target):
     except Exception as e:  # the TPU compiler's own out-of-memory verdict
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        used = _HBM_OOM.search(str(e))
+        used = next((m for m in (p.search(str(e)) for p in _HBM_OOM) if m), None)
         need = f"{used.group(1)}B of {used.group(2)}B" if used else cli.one_line(e)[:200]
         raise DoesNotFit(_advice(program, target, f"needs {need} HBM per chip (the TPU compiler)")) from e
     return compiled, time.perf_counter() - start
