@@ -354,16 +354,21 @@ def summary(r: dict) -> str:
 
 # ------------------------------------------------------------------------------ command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
-flags.DEFINE_string("target", None, "tpu:<chip>:<topology> (tpu:v5e:2x2) or gpu:<model>x<n> (gpu:h100x8).")
-flags.DEFINE_list("functions", ["train_step", "decode"], "What to compile: train_step, decode.")
-flags.DEFINE_bool("find_max_batch", False, "Search the largest global batch that fits (many compiles).")
-flags.DEFINE_integer("beam_size", 4, "Beam size of the translation decode step.")
-FLAGS = flags.FLAGS
+
+def define_flags() -> None:
+    """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
+    flags.DEFINE_string(
+        "target", None, "tpu:<chip>:<topology> (tpu:v5e:2x2) or gpu:<model>x<n> (gpu:h100x8)."
+    )
+    flags.DEFINE_list("functions", ["train_step", "decode"], "What to compile: train_step, decode.")
+    flags.DEFINE_bool("find_max_batch", False, "Search the largest global batch that fits (many compiles).")
+    flags.DEFINE_integer("beam_size", 4, "Beam size of the translation decode step.")
 
 
 def main(argv):
     del argv
+    FLAGS = flags.FLAGS
     if "JAX_PLATFORMS" not in os.environ:  # the host backend stays the CPU; the target is compile-only
         jax.config.update("jax_platforms", "cpu")
     try:
@@ -373,7 +378,7 @@ def main(argv):
         devices = targets.devices(target)
         for function in FLAGS.functions:
             search = find_max_batch if FLAGS.find_max_batch else compile_for
-            result = search(_CONFIG.value, target, devices, function, FLAGS.beam_size)
+            result = search(FLAGS.config, target, devices, function, FLAGS.beam_size)
             if result is None:
                 continue  # no decode step for this task (MLM)
             print(json.dumps(result), flush=True)
@@ -383,4 +388,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

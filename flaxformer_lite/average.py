@@ -72,21 +72,24 @@ def write(exp, steps: list[int], params, config: dict, how: str) -> str:
     return exp.averaged_dir
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
-flags.DEFINE_string("workdir", None, "The training workdir.")
-flags.DEFINE_integer("last", 0, "Average the newest N checkpoints.", lower_bound=0)
-flags.DEFINE_integer("best", 0, "Average the N checkpoints with the best validation score.", lower_bound=0)
-flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "Average the raw params or their moving averages.")
-FLAGS = flags.FLAGS
+def define_flags() -> None:
+    """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
+    config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
+    flags.DEFINE_string("workdir", None, "The training workdir.")
+    flags.DEFINE_integer("last", 0, "Average the newest N checkpoints.", lower_bound=0)
+    flags.DEFINE_integer(
+        "best", 0, "Average the N checkpoints with the best validation score.", lower_bound=0
+    )
+    flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "Average the raw params or their moving averages.")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    FLAGS = flags.FLAGS
     cli.quiet_console()
     try:
-        if not FLAGS.workdir:
-            raise ValueError("--workdir is required (the training workdir)")
-        exp = experiment.build(_CONFIG.value, FLAGS.workdir, tokenizer="load")
+        exp = experiment.build(FLAGS.config, FLAGS.workdir, tokenizer="load")
         ckpt = exp.checkpointer(save_every=1)
         try:
             steps, metric = choose_steps(ckpt, FLAGS.last, FLAGS.best), ckpt.scores()[0]
@@ -103,5 +106,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_WEIGHT = jnp.uint32(2654435761)  # Knuth's multiplicative hash constant: odd, so every weight differs
+# Knuth's multiplicative hash constant: odd, so every weight differs. numpy, not jnp: importing this
+# module must not start JAX's backend (jax.distributed.initialize has to come first).
+_WEIGHT = np.uint32(2654435761)
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
@@ -28,7 +31,7 @@ def _checksum(x: jax.Array) -> jax.Array:
         unsigned = _UNSIGNED[x.dtype.itemsize]
         words = x if x.dtype == unsigned else jax.lax.bitcast_convert_type(x, unsigned)
         words = words.astype(jnp.uint32)
-    weights = jnp.arange(words.size, dtype=jnp.uint32) * _WEIGHT + jnp.uint32(1)
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * _WEIGHT + np.uint32(1)
     return jnp.sum(words * weights, dtype=jnp.uint32)
 
 

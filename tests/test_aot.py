@@ -208,9 +208,12 @@ def test_train_step_compiles_for_gpu_with_cudnn_on_hopper_only(gpu, fused):
 @needs_tpu
 @pytest.mark.parametrize("name", ["wmt_base", "gpt2_small", "llama_small"])
 def test_presets_compile_for_v5e_with_fsdp(name):
-    """The presets at their own lengths and batches, FSDP over a v5e 2x2: they fit, with splash."""
+    """The presets at their own lengths and batches, FSDP over a v5e 2x2: they fit, with splash.
+
+    With scan_layers: one layer body to compile, not 12 (unrolled, the three took 4-7 minutes each
+    on 2 busy cores; benchmarks/aot_targets.py compiles them unrolled too)."""
     target = targets.parse("tpu:v5e:2x2")
-    config = _config(name, mesh_data=1, mesh_fsdp=4)
+    config = _config(name, mesh_data=1, mesh_fsdp=4, model_scan_layers=True)
     r = aot.compile_for(config, target, targets.devices(target), "train_step")
     assert r["fits"] and r["attention_kernels"]["tpu_custom_call"] > 0
     assert r["length"] == config.max_length and r["batch"] == config.batch_size

@@ -1,7 +1,10 @@
+import os
 import subprocess
 import sys
 
 import flaxformer_lite as fl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_ops_and_config_import_without_flax():
@@ -33,3 +36,17 @@ def test_core_modules_import_without_the_data_stack():
         "assert decoding.EOS_ID == EOS_ID == 1 and tasks.get('lm').model_class is models.DecoderOnly\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu"})
+
+
+def test_importing_the_library_and_scripts_starts_no_jax_backend():
+    """jax.distributed.initialize must come before any backend exists: no module may make an array at
+    import (a module-level jnp constant in checksums.py once broke every multi-process run)."""
+    code = (
+        "import pkgutil, importlib, flaxformer_lite\n"
+        "for m in pkgutil.walk_packages(flaxformer_lite.__path__, 'flaxformer_lite.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "import train, eval, generate\n"
+        "from jax._src import xla_bridge\n"
+        "assert not xla_bridge._backends, sorted(xla_bridge._backends)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu"}, cwd=ROOT)
