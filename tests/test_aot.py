@@ -211,7 +211,7 @@ def test_presets_compile_for_v5e_with_fsdp(name):
     """The presets at their own lengths and batches, FSDP over a v5e 2x2: they fit, with splash.
 
     With scan_layers: one layer body to compile, not 12 (unrolled, the three took 4-7 minutes each
-    on 2 busy cores; benchmarks/aot_targets.py compiles them unrolled too)."""
+    on 2 busy cores; the unrolled gpt2_small step compiled for v5e:2x2 in the README's table)."""
     target = targets.parse("tpu:v5e:2x2")
     config = _config(name, mesh_data=1, mesh_fsdp=4, model_scan_layers=True)
     r = aot.compile_for(config, target, targets.devices(target), "train_step")
