@@ -24,6 +24,7 @@ flags.DEFINE_integer("length", 256, "Tokens per sequence (source and target each
 flags.DEFINE_integer("vocab", 32_000, "Vocabulary size (no tokenizer is trained).")
 flags.DEFINE_integer("iters", 10, "Timed steps.")
 flags.DEFINE_multi_string("set", [], "Overrides of model fields, e.g. --set=scan_layers=False.")
+flags.DEFINE_float("ema_decay", 0.0, "> 0: the step also updates a moving average of the params.")
 FLAGS = flags.FLAGS
 
 
@@ -40,6 +41,7 @@ def main(argv):
     del argv
     config = load_config(FLAGS.config)
     config.batch_size, config.max_length = FLAGS.batch, FLAGS.length
+    config.ema_decay = FLAGS.ema_decay
     for item in FLAGS.set:
         key, value = item.split("=", 1)
         config.model.overrides[key] = _parse(value)
@@ -66,6 +68,7 @@ def main(argv):
         "train_throughput",
         config=FLAGS.config,
         overrides=FLAGS.set,
+        ema_decay=FLAGS.ema_decay,
         params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
         batch=FLAGS.batch,
         length=FLAGS.length,
