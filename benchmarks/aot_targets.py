@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import time
 
 import jax
@@ -41,8 +42,8 @@ def _rows():
     if FLAGS.sweep == "presets":
         for name, target in itertools.product(FLAGS.configs, FLAGS.targets):
             yield f"{name}|{target}", name, target, {}, {}, False
-    elif FLAGS.sweep == "max_batch":  # the largest batch that fits one chip (several compiles each)
-        for name, target in itertools.product(("gpt2_small", "wmt_base"), ("tpu:v5e:1x1", "gpu:h100x1")):
+    elif FLAGS.sweep == "max_batch":  # the largest batch that fits (several compiles each)
+        for name, target in itertools.product(FLAGS.configs, FLAGS.targets):
             yield f"{name}|{target}", name, target, {}, {}, True
     elif FLAGS.sweep == "long_context":  # batch 1, one chip: fused kernel vs XLA, remat none / full
         variants = (("fused", "none"), ("xla", "none"), ("fused", "full"))
@@ -132,6 +133,15 @@ def table(path: str) -> None:
                   f"{r.get('collectives')} |")  # fmt: skip
 
 
+def _needed_gib(error: str) -> float | None:
+    """GiB a program that does not fit needs, as its error says (GPU: "N GiB per device", TPU: "(NG)")."""
+    found = re.search(r"needs ([\d.]+) GiB per device", error)
+    if found:
+        return float(found.group(1))
+    found = re.search(r"temporaries \(([\d.]+)([GT])\)", error)
+    return None if not found else float(found.group(1)) * (1024 if found.group(2) == "T" else 1)
+
+
 def _plot_long_context(rows, png: str) -> None:
     import matplotlib
 
@@ -140,19 +150,28 @@ def _plot_long_context(rows, png: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list] = {}
+    over: dict[str, list] = {}  # what the programs that do not fit would need (from the error)
     for r in rows:
         target, T, impl, remat = r["key"].split("|")
+        label = f"{target} {impl} remat={remat}"
         if "per_device_bytes" in r:
-            series.setdefault(f"{target} {impl} remat={remat}", []).append(
-                (int(T), r["per_device_bytes"]["temp"])
-            )
+            series.setdefault(label, []).append((int(T), r["per_device_bytes"]["temp"] / 2**30))
+        elif (need := _needed_gib(r.get("error", ""))) is not None:
+            over.setdefault(label, []).append((int(T), need))
+    colors = {}
     for label, points in sorted(series.items()):
         xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(
-            xs, [y / 2**30 for y in ys], marker="o", label=label, linestyle="--" if "xla" in label else "-"
-        )
+        line = ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "xla" in label else "-")
+        colors[label] = line[0].get_color()
+    for label, points in sorted(over.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.scatter(xs, ys, marker="x", color=colors.get(label, "black"), s=40)
+    for target in sorted({label.split()[0] for label in series}):
+        memory = targets.parse(target).device_memory_bytes / 2**30
+        ax.axhline(memory, color="grey", linewidth=0.8, linestyle=":")
+        ax.annotate(f"{target} memory", (1024, memory), fontsize=7, va="bottom")
     ax.set(xscale="log", yscale="log", xlabel="sequence length T (batch 1)", ylabel="temp GiB per device",
-           title="gpt2_small train step: compiler's temp memory vs T")  # fmt: skip
+           title="gpt2_small train step: compiler's temp memory vs T (x: needed, does not fit)")  # fmt: skip
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
