@@ -46,7 +46,9 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
                "dataset": config.dataset_name}  # fmt: skip
     out_dir = output_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, f"{exp.data.tag}.{split}")  # another dataset never overwrites these
+    # Another dataset, checkpoint choice or weights never overwrites these (the newest params: no suffix).
+    which = "".join(f".{v}" for v, default in ((checkpoint, "last"), (weights, "auto")) if v != default)
+    prefix = os.path.join(out_dir, f"{exp.data.tag}.{split}{which}")
     outputs = {}
     if exp.task.translates:
         outputs[f"{prefix}.hyp.txt"] = _lines(result.pop("hypotheses"))

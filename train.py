@@ -12,6 +12,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -68,8 +69,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     finally:
         stop.close()
         lock.release()
-    logger = reporting.Logger(workdir, resume_step=config.num_train_steps)
-    logger.write(config.num_train_steps, "eval", final)
+    final_step = int(jax.device_get(state.step))  # num_train_steps, or where it stopped early
+    logger = reporting.Logger(workdir, resume_step=final_step)
+    logger.write(final_step, "eval", final)
     logger.close()
     logging.info("final eval: %s", _printable(final))
     if jax.process_index() == 0:
@@ -83,26 +85,30 @@ def train(exp, stop: runtime.StopRequests):
     """The training loop, from the newest checkpoint; returns the final state."""
     config, workdir = exp.config, exp.workdir
     state, shardings = exp.init_state(jax.random.key(config.seed))
-    runtime.check_room_for_checkpoints(state, workdir, config.keep_checkpoints)
+    runtime.check_room_for_checkpoints(state, workdir, config.keep_checkpoints + config.get("keep_best", 0))
     stats = ip.TokenizeStats()
     train_iter = iter(exp.train_dataset(stats))
     ckpt = exp.checkpointer()
+    # Before restoring: refuse a resumed run that would compute something else (its optimizer state
+    # may not even have the same tree), and fix the schedule's horizon.
+    newest = ckpt.steps()[-1] if ckpt.steps() else None
+    exp = exp.for_resume(None if newest is None else ckpt.saved_config(newest), newest or 0)
+    config = exp.config
     start, restored = 0, ckpt.restore(checkpoint.abstract_like(state, shardings), train_iter)
     if restored is not None:
         start, state = restored
         logging.info("resumed from the checkpoint at step %d", start)
     elif exp.config.init_from_hf:  # fine-tuning: the imported weights replace the random init
-        state = state.replace(params=exp.imported_params(shardings.params))
+        imported = exp.imported_params(shardings.params)
+        ema = None if state.ema_params is None else jax.tree.map(jnp.copy, imported)
+        state = state.replace(params=imported, ema_params=ema)
         logging.info("initialised from the transformers checkpoint %s", exp.config.init_from_hf)
-    # Refuse a resumed run that would compute something else; fix the schedule's horizon.
-    exp = exp.for_resume(ckpt.saved_config(start) if restored is not None else None, start)
-    config = exp.config
     train_step = exp.train_step(shardings)
     dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
     logger = reporting.Logger(workdir, resume_step=start)
     config_json = json.loads(config.to_json_best_effort())
     window = reporting.MetricsWindow(start, carried=reporting.load_window(workdir, start))
-    early = validation.EarlyStopping.from_log(workdir, config)  # the scores logged up to `start`
+    early = validation.EarlyStopping.from_log(workdir, config, start)  # the scores up to `start`
     if early.stopped:  # the run stopped early before: resuming it is a no-op, as for a finished run
         logging.info("%s", early.reason)
         ckpt.close()
@@ -122,21 +128,17 @@ def train(exp, stop: runtime.StopRequests):
             is_last, stopped = step == config.num_train_steps, stop.requested(step, ckpt.manager)
             log = step % config.log_every == 0 or is_last
             scored = validation.evaluates_at(config, step, is_last) and not stopped
-            save = step % config.checkpoint_every == 0 or is_last or stopped or (scored and early.keeps_best)
-            # Before any save: a non-finite loss stops the run here, so it is never checkpointed.
-            if log:
+            if log:  # a non-finite loss stops the run here (and in `peek`), so it is never checkpointed
                 summary = window.sync(step, last_good=ckpt.set_aside_unhealthy)
                 logger.write(step, "train", summary)
                 bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
-            elif save:  # between rows: the steps since the last row go on into the next one
+            scores = _validate(exp, state, step, early, logger) if scored else None
+            stopping = scores is not None and early.stopped  # saved, so that a rerun is a no-op
+            save = step % config.checkpoint_every == 0 or is_last or stopped or stopping
+            save = save or (scores is not None and early.keeps_best)  # the checkpoint carries the score
+            if save and not log:  # between rows: the steps since the last row go on into the next one
                 summary = window.peek(last_good=ckpt.set_aside_unhealthy)
                 window.save(workdir, step)  # a run resumed from this step logs the same rows
-            scores = None
-            if scored:  # before the save: the checkpoint of this step carries its score
-                result = evaluate(exp, _eval_weights(state), validation.decodes_at(config, step))
-                logger.write(step, "eval", result)
-                logging.info("step %d eval: %s", step, _printable(result))
-                scores = early.add(step, result)
             if save:
                 loss, force = summary["loss"], is_last or bool(stopped) or scores is not None
                 ckpt.save(
@@ -145,7 +147,7 @@ def train(exp, stop: runtime.StopRequests):
                 )  # fmt: skip
             if stopped:
                 break
-            if early.stopped:
+            if stopping:
                 logging.warning("%s", early.reason)
                 bar.write(early.reason)
                 break
@@ -157,6 +159,14 @@ def train(exp, stop: runtime.StopRequests):
         message = f"saved step {step} after {stopped}; rerun the same command to resume"
         raise runtime.Stopped(message, 128 + getattr(signal, stopped))
     return state
+
+
+def _validate(exp, state, step: int, early: validation.EarlyStopping, logger) -> dict | None:
+    """Score the validation split after `step`, log it; the scores its checkpoint carries."""
+    result = evaluate(exp, _eval_weights(state), validation.decodes_at(exp.config, step))
+    logger.write(step, "eval", result)
+    logging.info("step %d eval: %s", step, _printable(result))
+    return early.add(step, result)
 
 
 def _printable(result: dict) -> dict:

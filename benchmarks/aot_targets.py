@@ -92,6 +92,14 @@ def run(path: str) -> None:
         print(key, "fits" if row["fits"] else "does not fit", row.get("max_batch", ""), flush=True)
 
 
+def _fits(r: dict) -> bool:
+    """The row fits its target's usable memory (rows written before `usable_memory_bytes` existed
+    were judged against all of a GPU's memory: judged again here)."""
+    if "per_device_bytes" not in r:
+        return False
+    return r["fits"] and r["per_device_bytes"]["total"] <= targets.parse(r["target"]).usable_memory_bytes
+
+
 def _gib(n) -> str:
     return f"{n / 2**30:.2f}" if n is not None else ""
 
@@ -109,7 +117,7 @@ def table(path: str) -> None:
             tflops = f"{r['flops_per_step'] / 1e12:.1f}" if r.get("flops_per_step") else ""
             print(f"| {r['config_file']} | {r['target']} | {r['batch']} x {r.get('length', '')} | "
                   f"{_gib(b.get('total'))} ({_gib(b.get('arguments'))} + {_gib(b.get('temp'))}) | "
-                  f"{'yes' if r['fits'] else 'no'} | {r.get('max_batch', '')} | {kernels} | {tflops} | "
+                  f"{'yes' if _fits(r) else 'no'} | {r.get('max_batch', '')} | {kernels} | {tflops} | "
                   f"{r.get('compile_seconds', '')} |")  # fmt: skip
     elif FLAGS.sweep == "long_context":
         _plot_long_context(rows, os.path.join(os.path.dirname(path), "long_context.png"))
@@ -120,9 +128,8 @@ def table(path: str) -> None:
         ):
             target, T, impl, remat = r["key"].split("|")
             b = r.get("per_device_bytes", {})
-            verdict = (
-                "yes" if r["fits"] else "no: " + r.get("error", "").split(": it needs ")[-1].split(";")[0]
-            )
+            needs = r.get("error", "").split(": it needs ")[-1].split(";")[0]
+            verdict = "yes" if _fits(r) else f"no: {needs}" if needs else "no"
             print(f"| {target} | {T} | {impl} | {remat} | {_gib(b.get('temp'))} | {_gib(b.get('total'))} | "
                   f"{verdict} |")  # fmt: skip
     else:

@@ -58,7 +58,7 @@ def get_config():
     # ---- optimisation
     c.num_train_steps = 100_000
     # cosine: the steps it decays over; 0 = the num_train_steps the run starts with (a resumed run
-    # given more steps then goes on at the final rate; set this to re-decay over a longer run)
+    # given more steps then goes on at the final rate; set this when it starts, to decay longer)
     c.schedule_steps = 0
     c.schedule = "noam"  # noam (inverse sqrt, scaled by learning_rate) | cosine | constant
     c.learning_rate = 1.0  # noam: scale on the formula (1.0 = the paper); cosine/constant: the peak rate

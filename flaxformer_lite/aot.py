@@ -228,7 +228,8 @@ def analyse(program: Program, exp, target: targets.Target) -> dict:
         "length": program.length,
         "per_device_bytes": sizes,
         "device_memory_bytes": target.device_memory_bytes,
-        "fits": sizes["total"] <= target.device_memory_bytes,
+        "usable_memory_bytes": target.usable_memory_bytes,
+        "fits": sizes["total"] <= target.usable_memory_bytes,
         "attention_kernels": kernels,
         "custom_calls": calls,
         "collectives": collectives(compiled),
@@ -273,10 +274,10 @@ def compile_for(config, target: targets.Target, devices, function: str, beam_siz
             return None
         result = analyse(program, exp, target)
     if not result["fits"]:  # the GPU compiler has no out-of-memory verdict: compare with the device
-        total, have = result["per_device_bytes"]["total"], result["device_memory_bytes"]
-        raise DoesNotFit(
-            _advice(program, target, f"needs {total / 2**30:.2f} GiB per device of {have / 2**30:.2f}")
-        )
+        total, have = result["per_device_bytes"]["total"], result["usable_memory_bytes"]
+        whole = target.device_memory_bytes / 2**30
+        usable = f"{have / 2**30:.2f} usable (XLA_PYTHON_CLIENT_MEM_FRACTION of {whole:.2f})"
+        raise DoesNotFit(_advice(program, target, f"needs {total / 2**30:.2f} GiB per device of {usable}"))
     return result
 
 
@@ -346,7 +347,7 @@ def summary(r: dict) -> str:
     return (
         f"{r['function']} of {r['config']} on {r['target']} ({r['devices']} x {r['device_kind']}, mesh "
         f"{r['mesh']}): batch {r['batch']} x {r['length']} needs {gib(r['per_device_bytes']['total'])} of "
-        f"{gib(r['device_memory_bytes'])} per device ({'fits' if r['fits'] else 'does NOT fit'}){largest}; "
+        f"{gib(r['usable_memory_bytes'])} usable per device ({'fits' if r['fits'] else 'no fit'}){largest}; "
         f"attention kernels: {kernels}; {flops_text}; compiled in {r['compile_seconds']} s "
         "(compiler figures, not measured speed)"
     )

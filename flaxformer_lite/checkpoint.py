@@ -21,6 +21,7 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -92,7 +93,7 @@ class _BestScores:
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
         del context
         scored = [(i, (c.metrics or {}).get(self.metric)) for i, c in enumerate(checkpoints)]
-        keep = set(best_steps([(i, v) for i, v in scored if v is not None], self.mode, self.n))
+        keep = set(best_steps([(i, v) for i, v in scored if v is not None and v == v], self.mode, self.n))
         return [i in keep for i in range(len(checkpoints))]
 
 
@@ -262,11 +263,9 @@ class Checkpointer:
             if "state" in out and out["state"] is not None:
                 return out["state"]
             self._verify(s, {name: out[name] for name in ("params", "opt", "ema") if name in items})
-            ema = (
-                out["ema"]
-                if "ema" in items
-                else (None if abstract_state.ema_params is None else out["params"])
-            )
+            ema = None  # a run that starts keeping an average starts it from the params (a copy: donated)
+            if abstract_state.ema_params is not None:
+                ema = out["ema"] if "ema" in items else jax.tree.map(jnp.copy, out["params"])
             return abstract_state.replace(
                 step=out["opt"]["step"],
                 params=out["params"],
@@ -329,7 +328,7 @@ class Checkpointer:
 
         The score is this Checkpointer's metric, or else the one the checkpoints carry (a reader
         whose config does not name the valid_metric the run was trained with)."""
-        metric, mode, scores = self.scores()
+        _, mode, scores = self.scores()
         ranked = best_steps(scores, mode, 1)
         return ranked[0] if ranked else None
 
@@ -342,7 +341,11 @@ class Checkpointer:
             carried = sorted({k for m in metrics.values() for k in m if k.startswith("valid_")})
             metric = carried[0] if carried else metric
             mode = next((way for key, way in validation.METRICS.values() if f"valid_{key}" == metric), mode)
-        return metric, mode, [(s, m[metric]) for s, m in metrics.items() if metric in m]
+        return (
+            metric,
+            mode,
+            [(s, m[metric]) for s, m in metrics.items() if metric in m and m[metric] == m[metric]],
+        )
 
     def _newest_readable(self, read, step: int | None, move_aside: bool = True):
         """read(step, item metadata) of the newest step that reads (or of `step`); None if none exist.

@@ -28,7 +28,8 @@ RESUMABLE_CHANGES = (
     "num_train_steps", "log_every", "eval_every", "eval_batches", "bleu_every", "bleu_examples",
     "max_decode_length", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "data_dir",
     "mesh_data", "mesh_fsdp", "mesh_tensor", "distributed", "coordinator_address", "num_processes",
-    "process_id", "model.overrides.attention_impl", "model.overrides.remat_policy",
+    "process_id", "model.overrides.attention_impl", "model.overrides.remat_policy", "keep_best", "patience",
+    "valid_beam_size",
 )  # fmt: skip
 
 
@@ -113,6 +114,11 @@ def _validate_selection(config, task, need) -> None:
     need(
         config.get("valid_beam_size", 1) >= 1, f"valid_beam_size={config.get('valid_beam_size')} must be >= 1"
     )
+    need(
+        not name or config.eval_every > 0,
+        f"valid_metric={name!r} needs eval_every > 0 (steps between scores)",
+    )
+    need(config.get("schedule_steps", 0) >= 0, f"schedule_steps={config.get('schedule_steps')} must be >= 0")
     decay = config.get("ema_decay", 0.0)
     need(0.0 <= decay < 1.0, f"ema_decay={decay} must be in [0, 1) (0 = off; e.g. 0.999)")
 

@@ -70,6 +70,14 @@ class Target:
         return _GPUS[self.chip]["memory"]
 
     @property
+    def usable_memory_bytes(self) -> int:
+        """What a program may use: a TPU's HBM (the compiler itself refuses more), a GPU's memory times
+        the fraction JAX preallocates for its pool (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)."""
+        if self.platform == "tpu":
+            return self.device_memory_bytes
+        return int(self.device_memory_bytes * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
+
+    @property
     def compute_capability(self) -> str | None:
         """ "9.0" for Hopper GPUs; None for TPUs."""
         return ".".join(map(str, _GPUS[self.chip]["cc"])) if self.platform == "gpu" else None

@@ -64,17 +64,21 @@ class EarlyStopping:
     history: list = dataclasses.field(default_factory=list)  # (step, score)
 
     @classmethod
-    def from_log(cls, workdir: str, config) -> EarlyStopping:
-        """Built from the eval rows of metrics.jsonl (the rows up to the step a run resumes from)."""
+    def from_log(cls, workdir: str, config, step: int) -> EarlyStopping:
+        """Built from the eval rows of metrics.jsonl up to `step` (where the run resumes)."""
         key, mode = metric(config) or (None, "max")
         early = cls(key, mode, config.get("patience", 0), config.get("keep_best", 0))
         path = os.path.join(workdir, "metrics.jsonl")
         if key and os.path.exists(path):
             scores = {}
-            for line in open(path):
-                row = json.loads(line)
-                if row.get("split") == "eval" and key in row:
-                    scores[row["step"]] = row[key]  # a step evaluated twice (the final eval): once
+            with open(path) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a partial last row: the writer stopped mid-line
+                        continue
+                    if row.get("split") == "eval" and key in row and row["step"] <= step:
+                        scores[row["step"]] = row[key]  # a step evaluated twice (the final eval): once
             early.history = sorted(scores.items())
         return early
 
@@ -109,7 +113,8 @@ class EarlyStopping:
     def reason(self) -> str:
         best = self.best
         told = f"step {best[0]} ({self.key} {best[1]:.4g})" if best else "none (every score was NaN)"
+        kept = " eval.py --checkpoint=best reads it." if self.keep_best else ""
         return (
             f"early stop at step {self.history[-1][0]}: validation {self.key} has not improved for "
-            f"{self.patience} evaluations; the best is {told}. eval.py --checkpoint=best reads it."
+            f"{self.patience} evaluations; the best is {told}.{kept}"
         )

@@ -32,7 +32,7 @@ def _eval(config, workdir, name, *flags) -> dict:
     seconds = _run(
         "eval.py", f"--config={config}", f"--workdir={workdir}", "--split=test", f"--output_dir={out}", *flags
     )
-    summary = json.load(open(next(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".test.json"))))
+    summary = json.load(open(next(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".json"))))
     keys = ("checkpoint_step", "bleu", "chrf", "perplexity", "repeated_3gram_share")
     return {
         "variant": name,

@@ -53,7 +53,11 @@ def _numpy_checksum(x: np.ndarray) -> int:
 def test_checksums_equal_numpy_for_any_sharding_and_catch_a_swap():
     a = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
     b = np.random.default_rng(1).standard_normal((12,)).astype(jnp.bfloat16)
-    want = {"['a']": _numpy_checksum(a), "['b']": _numpy_checksum(np.asarray(b)), "['n']": 7}
+    want = {
+        "['a']": [_numpy_checksum(a), "float32"],
+        "['b']": [_numpy_checksum(np.asarray(b)), "bfloat16"],
+        "['n']": [7, "int32"],
+    }
     assert checksums.tree_checksums({"a": a, "b": b, "n": np.int32(7)}) == want
     mesh = jax.make_mesh((4, 2), ("x", "y"))
     sharded = {
@@ -121,14 +125,15 @@ def test_keep_best_keeps_the_best_steps_of_the_log_and_eval_reads_the_best(selec
     proc = runs.script("eval.py", f"--workdir={selected}", f"--config.data_dir={prepared[0]}",
                        "--checkpoint=best", "--beam_size=1", "--max_examples=2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(open(next(_eval_json(selected))).read())
+    summary = json.loads(open(next(_eval_json(selected, ".best"))).read())
     assert summary["checkpoint_step"] == best[0] and summary["checkpoint"] == "best"
     assert f"read the ema weights of step {best[0]}" in proc.stderr.decode()
 
 
-def _eval_json(workdir):
+def _eval_json(workdir, which=""):
+    """eval.py's summary of the test split; `which`: ".best", ".averaged"... (its file-name suffix)."""
     folder = os.path.join(workdir, "eval")
-    return (os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".test.json"))
+    return (os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(f".test{which}.json"))
 
 
 @pytest.mark.slow
@@ -187,20 +192,20 @@ def test_kill_9_with_ema_then_rerun_is_bitwise_the_uninterrupted_run(selected, p
 
 @pytest.mark.slow
 def test_patience_stops_the_run_and_a_rerun_is_a_no_op(prepared, tmp_path):
-    """Learning rate 0: every validation loss ties the first, so patience 2 stops at the 3rd evaluation."""
+    """Learning rate 0: every validation loss ties the first, so patience 2 stops at the 3rd evaluation,
+    step 9, which is not a checkpoint step (every 4): it is saved all the same, so the rerun stops at once."""
     workdir = str(tmp_path / "patient")
-    flags = ("--config.valid_metric=loss", "--config.eval_every=4", "--config.patience=2",
+    flags = ("--config.valid_metric=loss", "--config.eval_every=3", "--config.patience=2",
              "--config.learning_rate=0")  # fmt: skip
     err = runs.run(workdir, prepared, *flags)
     assert (
-        "early stop at step 12: validation nll has not improved for 2 evaluations; the best is step 4" in err
+        "early stop at step 9: validation nll has not improved for 2 evaluations; the best is step 3" in err
     )
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    assert "12" in before and str(STEPS) not in before
+    assert "9" in before and str(STEPS) not in before
     err = runs.run(workdir, prepared, *flags)
-    assert (
-        "early stop at step 12" in err and sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
-    )
+    assert "resumed from the checkpoint at step 9" in err and "early stop at step 9" in err
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
 @pytest.mark.slow
@@ -230,3 +235,15 @@ def test_values_changed_on_disk_are_caught_by_the_checksums(reference, prepared,
     final = runs.final_params(workdir)
     for name, value in runs.final_params(reference).items():
         np.testing.assert_array_equal(final[name], value, err_msg=name)
+
+
+@pytest.mark.slow
+def test_reading_weights_in_another_dtype_is_not_taken_for_damage(reference, prepared, tmp_path):
+    """orbax casts on restore (fp32 saved, bf16 asked): the checksums skip what they cannot compare."""
+    out = str(tmp_path / "bf16")
+    flags = (f"--workdir={reference}", f"--config.data_dir={prepared[0]}", f"--output_dir={out}",
+             "--config.model.overrides.param_dtype=bfloat16", "--beam_size=1",
+             "--max_examples=2")  # fmt: skip
+    proc = runs.script("eval.py", *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert b"unreadable" not in proc.stderr and f"(step {STEPS})".encode() in proc.stdout
