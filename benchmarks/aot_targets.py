@@ -109,14 +109,18 @@ def table(path: str) -> None:
         rows = [json.loads(line) for line in f if line.strip()]
     if FLAGS.sweep in ("presets", "max_batch"):
         print("| config | target | batch x length | GiB/device (args + temp) | fits | largest batch | "
-              "kernels | TFLOPs/step | compile s |")  # fmt: skip
+              "kernels | model TFLOPs/step | compile s |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             b = r.get("per_device_bytes", {})
             kernels = ", ".join(f"{k} x{n}" for k, n in r.get("attention_kernels", {}).items())
-            tflops = f"{r['flops_per_step'] / 1e12:.1f}" if r.get("flops_per_step") else ""
-            print(f"| {r['config_file']} | {r['target']} | {r['batch']} x {r.get('length', '')} | "
-                  f"{_gib(b.get('total'))} ({_gib(b.get('arguments'))} + {_gib(b.get('temp'))}) | "
+            # flops.py's closed form: XLA's count of a scanned program counts the layer loop's body once
+            tflops = f"{r['model_flops_per_step'] / 1e12:.1f}" if r.get("model_flops_per_step") else ""
+            needs = r.get("error", "").split(": it needs ")[-1].split(";")[0].split(" (the TPU")[0]
+            memory = (
+                f"{_gib(b['total'])} ({_gib(b['arguments'])} + {_gib(b['temp'])})" if b else f"needs {needs}"
+            )
+            print(f"| {r['config_file']} | {r['target']} | {r['batch']} x {r.get('length', '')} | {memory} | "
                   f"{'yes' if _fits(r) else 'no'} | {r.get('max_batch', '')} | {kernels} | {tflops} | "
                   f"{r.get('compile_seconds', '')} |")  # fmt: skip
     elif FLAGS.sweep == "long_context":

@@ -235,7 +235,10 @@ def analyse(program: Program, exp, target: targets.Target) -> dict:
         "collectives": collectives(compiled),
         "xla_flops_per_device": per_device,
         "fused_attention_flops": fused,
-        "flops_per_step": None if per_device is None else per_device * devices + fused,
+        # XLA counts a while loop's body once: with scan_layers its count misses all layers but one
+        "flops_per_step": None
+        if per_device is None or exp.model.config.scan_layers
+        else per_device * devices + fused,
         "model_flops_per_step": _model_flops(exp, program),
         "compile_seconds": round(seconds, 1),
         "jax": jax.__version__,
