@@ -89,20 +89,8 @@ def train(exp, stop: runtime.StopRequests):
     stats = ip.TokenizeStats()
     train_iter = iter(exp.train_dataset(stats))
     ckpt = exp.checkpointer()
-    # Before restoring: refuse a resumed run that would compute something else (its optimizer state
-    # may not even have the same tree), and fix the schedule's horizon.
-    newest = ckpt.steps()[-1] if ckpt.steps() else None
-    exp = exp.for_resume(None if newest is None else ckpt.saved_config(newest), newest or 0)
+    exp, start, state = _resume(exp, ckpt, state, shardings, train_iter)
     config = exp.config
-    start, restored = 0, ckpt.restore(checkpoint.abstract_like(state, shardings), train_iter)
-    if restored is not None:
-        start, state = restored
-        logging.info("resumed from the checkpoint at step %d", start)
-    elif exp.config.init_from_hf:  # fine-tuning: the imported weights replace the random init
-        imported = exp.imported_params(shardings.params)
-        ema = None if state.ema_params is None else jax.tree.map(jnp.copy, imported)
-        state = state.replace(params=imported, ema_params=ema)
-        logging.info("initialised from the transformers checkpoint %s", exp.config.init_from_hf)
     train_step = exp.train_step(shardings)
     dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
     logger = reporting.Logger(workdir, resume_step=start)
@@ -159,6 +147,26 @@ def train(exp, stop: runtime.StopRequests):
         message = f"saved step {step} after {stopped}; rerun the same command to resume"
         raise runtime.Stopped(message, 128 + getattr(signal, stopped))
     return state
+
+
+def _resume(exp, ckpt, state, shardings, train_iter):
+    """(experiment, start step, state): from the newest readable checkpoint, or the imported weights.
+
+    Before restoring, a resumed run that would compute something else is refused (its optimizer
+    state may not even have the same tree) and the schedule's horizon is fixed (`for_resume`).
+    """
+    newest = ckpt.steps()[-1] if ckpt.steps() else None
+    exp = exp.for_resume(None if newest is None else ckpt.saved_config(newest), newest or 0)
+    restored = ckpt.restore(checkpoint.abstract_like(state, shardings), train_iter)
+    if restored is not None:
+        logging.info("resumed from the checkpoint at step %d", restored[0])
+        return exp, *restored
+    if exp.config.init_from_hf:  # fine-tuning: the imported weights replace the random init
+        imported = exp.imported_params(shardings.params)
+        ema = None if state.ema_params is None else jax.tree.map(jnp.copy, imported)
+        state = state.replace(params=imported, ema_params=ema)
+        logging.info("initialised from the transformers checkpoint %s", exp.config.init_from_hf)
+    return exp, 0, state
 
 
 def _validate(exp, state, step: int, early: validation.EarlyStopping, logger) -> dict | None:
