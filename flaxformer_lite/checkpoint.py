@@ -417,7 +417,7 @@ class Checkpointer:
         if jax.process_index() == 0 and os.path.isdir(src):
             os.replace(src, dst)
         if error is not None:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = files.reason(error)
             logging.warning(
                 "checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the previous one",
                 step, self.directory, reason, os.path.basename(dst),

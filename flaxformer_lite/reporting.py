@@ -150,7 +150,7 @@ class MetricsWindow:
     def __init__(self, step: int, carried: list | None = None):
         """carried: the steps since the last logged row, from before the run was stopped (`load_window`),
         so the first row after a resume averages the same steps as an uninterrupted run's."""
-        self.pending, self.last_time, self.last_step = list(carried or []), time.time(), step
+        self.pending, self.last_time = list(carried or []), time.time()
         self.carried = len(self.pending)  # not timed by this process: left out of tokens/s
         self.healthy_losses = []  # the mean loss of every healthy sync so far (this process's run)
         self.healthy = True  # whether the last sync's loss was healthy
@@ -195,7 +195,7 @@ class MetricsWindow:
         summary = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
         summary["tokens_per_sec"] = sum(m["tokens"] for _, m in timed) / elapsed
         summary["steps_per_sec"] = len(timed) / elapsed
-        self.last_time, self.last_step = time.time(), step
+        self.last_time = time.time()
         self.healthy = self._is_healthy(summary["loss"])
         if self.healthy:
             self.healthy_losses.append(summary["loss"])

@@ -16,6 +16,8 @@ import importlib.util
 import os
 import re
 
+from flaxformer_lite import files
+
 GIB = 1 << 30
 
 # HBM per JAX device (Google Cloud TPU docs: v4 32 GiB, v5e 16, v5p 95, v6e 32 per chip; a TPU7x chip
@@ -160,7 +162,7 @@ def devices(target: Target) -> list:
                 topology=f"1x1x{target.topology}",
             )
     except Exception as e:  # the compiler rejects the topology (or JAX_PLATFORMS is not cpu)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = files.reason(e)
         raise TargetError(
             f"cannot make the devices of {target.name}: {first}. Check the topology (e.g. tpu:v5e:2x2, "
             "tpu:v5p:2x2x1) and run with JAX_PLATFORMS=cpu."
