@@ -6,6 +6,7 @@ from flax import linen as nn
 
 import flaxformer_lite as fl
 from flaxformer_lite import decoding
+from flaxformer_lite.decoding import sampling
 from flaxformer_lite.tokenizer import EOS_ID
 
 A, B_, C = 3, 4, 5  # token ids of a hand-built language (0 pad, 1 eos)
@@ -104,13 +105,13 @@ def test_beam_one_equals_greedy_and_top_k_one_equals_greedy():
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    kept = np.isfinite(np.asarray(decoding._filter_logits(logits, 0, 0.7))) & (
-        np.asarray(decoding._filter_logits(logits, 0, 0.7)) > -1e30
+    kept = np.isfinite(np.asarray(sampling._filter_logits(logits, 0, 0.7))) & (
+        np.asarray(sampling._filter_logits(logits, 0, 0.7)) > -1e30
     )
     assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 >= 0.7
-    kept = np.asarray(decoding._filter_logits(logits, 2, 1.0)) > -1e30
+    kept = np.asarray(sampling._filter_logits(logits, 2, 1.0)) > -1e30
     assert kept.tolist() == [[True, True, False, False]]
-    draws = jax.vmap(lambda k: jax.random.categorical(k, decoding._filter_logits(logits, 0, 0.7))[0])(
+    draws = jax.vmap(lambda k: jax.random.categorical(k, sampling._filter_logits(logits, 0, 0.7))[0])(
         jax.random.split(jax.random.key(0), 4000)
     )
     freq = np.bincount(np.asarray(draws), minlength=4) / 4000

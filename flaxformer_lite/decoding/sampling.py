@@ -1,0 +1,102 @@
+"""Greedy and sampled decoding over a step function `(tokens [B, 1], cache) -> (logits [B, V], cache)`.
+
+`sample` covers greedy (temperature 0), temperature, top-k and top-p sampling inside one
+`jax.lax.while_loop` that stops as soon as every row has produced EOS.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flaxformer_lite.ids import EOS_ID, PAD_ID
+from flaxformer_lite.layers import resize_self_attention_cache, self_attention_cache_slots
+
+STAGED_STEPS = 32  # decoding loops at least this long grow their self-attention cache in stages
+
+
+def _while_in_stages(cond, body, carry: dict, steps: int) -> dict:
+    """`jax.lax.while_loop(cond, body, carry)` for at most `steps` steps (carry["i"] counts them).
+
+    Loops of `STAGED_STEPS` or more run in three stages (to 1/4, 1/2 and all of the steps), each
+    over a self-attention cache cut to the slots it can have written (any prompt's, then the
+    steps'). Attention and the beam reorder then read about 30% fewer cached keys and values
+    over the loop, at the price of compiling the body three times.
+    """
+    slots = self_attention_cache_slots(carry["cache"])
+    if slots is None or steps < STAGED_STEPS or slots < steps:  # slots < steps: a caller's short cache, as is
+        return jax.lax.while_loop(cond, body, carry)
+    prompt = slots - steps  # slots written before the loop
+    for end in (steps // 4, steps // 2, steps):
+        carry = {**carry, "cache": resize_self_attention_cache(carry["cache"], prompt + end)}
+        carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c["i"] < end), body, carry)
+    return carry
+
+
+def _filter_logits(logits, top_k: int, top_p: float):
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
+    neg = jnp.finfo(logits.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # The smallest logit still inside the nucleus (the first sorted one always is).
+        cutoff_index = jnp.sum(cum < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return logits
+
+
+def sample(
+    step_fn,
+    cache,
+    first_tokens: jax.Array,
+    max_len: int,
+    *,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = EOS_ID,
+) -> jax.Array:
+    """[B] first input tokens -> [B, max_len] generated ids (EOS included, then PAD)."""
+    B = first_tokens.shape[0]
+    rng = jax.random.key(0) if rng is None else rng
+
+    def choose(logits, key):
+        logits = logits.astype(jnp.float32)
+        if temperature == 0.0:
+            return jnp.argmax(logits, axis=-1)
+        logits = _filter_logits(logits / temperature, top_k, top_p)
+        return jax.random.categorical(key, logits, axis=-1)
+
+    def cond(c):
+        return (c["i"] < max_len) & ~jnp.all(c["done"])
+
+    def body(c):
+        i = c["i"]
+        logits, cache = step_fn(c["last"][:, None], c["cache"])
+        nxt = choose(logits, jax.random.fold_in(rng, i)).astype(jnp.int32)
+        nxt = jnp.where(c["done"], PAD_ID, nxt)
+        tokens = jax.lax.dynamic_update_slice(c["tokens"], nxt[:, None], (0, i))
+        return dict(i=i + 1, tokens=tokens, last=nxt, done=c["done"] | (nxt == eos_id), cache=cache)
+
+    init = dict(
+        i=jnp.int32(0),
+        tokens=jnp.full((B, max_len), PAD_ID, jnp.int32),
+        last=first_tokens.astype(jnp.int32),
+        done=jnp.zeros((B,), bool),
+        cache=cache,
+    )
+    return _while_in_stages(cond, body, init, max_len)["tokens"]
+
+
+def strip_after_eos(ids) -> list[list[int]]:
+    """Host-side: each row's ids before the first EOS (and without padding)."""
+    out = []
+    for row in jax.device_get(ids).tolist():
+        row = row[: row.index(EOS_ID)] if EOS_ID in row else row
+        out.append([t for t in row if t != PAD_ID])
+    return out
