@@ -17,13 +17,14 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxformer_lite import cli, decoding, evaluation, experiment, files, tasks
+from flaxformer_lite import cli, decoding, ensemble, evaluation, experiment, files, tasks
 
 
 def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_examples: int,
              batch_size: int, step: int | None = None, output_dir: str = "", hf_dir: str = "",
              length_penalty: str = "gnmt", checkpoint: str = "last",
-             weights: str = "auto") -> dict:  # fmt: skip
+             weights: str = "auto", members: tuple[str, ...] = (),
+             ensemble_mode: str = "log") -> dict:  # fmt: skip
     """Evaluate the trained workdir (or an imported `hf_dir`) on `split`; write the outputs, return them."""
     decoding.check_options(beam_size=beams, alpha=alpha, length_penalty=length_penalty)
     if hf_dir:
@@ -46,8 +47,9 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
                "dataset": config.dataset_name}  # fmt: skip
     out_dir = output_dir or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    # Another dataset, checkpoint choice or weights never overwrites these (the newest params: no suffix).
+    # Another dataset, checkpoint, weights or ensemble never overwrites these (the newest params: no suffix).
     which = "".join(f".{v}" for v, default in ((checkpoint, "last"), (weights, "auto")) if v != default)
+    which += f".ensemble{len(members) + 1}" if members else ""
     prefix = os.path.join(out_dir, f"{exp.data.tag}.{split}{which}")
     outputs = {}
     if exp.task.translates:
@@ -56,6 +58,8 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
         for j, refs in enumerate(result.pop("references")):
             outputs[f"{prefix}.ref{j}.txt"] = _lines(refs)
         summary.update(beam_size=beams, alpha=alpha, length_penalty=length_penalty)
+        if members:  # BLEU/chrF of the ensemble; perplexity is --workdir's model's alone
+            summary.update(ensemble=[workdir, *members], ensemble_mode=ensemble_mode)
     if config.get("init_from_hf"):
         summary["init_from_hf"] = config.init_from_hf
     summary.update(result, files=prefix + ".*")
@@ -63,6 +67,20 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
     # All or none: a full disk keeps the previous outputs, never an empty or a mismatched set.
     files.write_all(outputs, fix="free space (or pick another --output_dir) and rerun")
     return summary
+
+
+def _decode_fn(exp, params, *, beams, alpha, length_penalty, members, ensemble_mode, checkpoint, weights):
+    """The jitted (params, sources) -> ids decoder: the workdir's model, or an ensemble with `members`."""
+    models, all_params = [exp.inference_model], [params]
+    if members:
+        more = ensemble.load(exp, list(members), checkpoint=checkpoint, weights=weights)
+        models, all_params = models + more[0], all_params + more[1]
+    decode = tasks.translate_fn(
+        models if members else models[0], beam_size=beams, alpha=alpha,
+        max_decode_length=exp.config.max_decode_length, length_penalty=length_penalty,
+        ensemble_mode=ensemble_mode,
+    )  # fmt: skip
+    return (lambda _, inputs: decode(all_params, inputs)) if members else decode
 
 
 def _lines(lines: list[str]) -> str:
@@ -95,7 +113,8 @@ def main(argv):
             f.config, f.workdir, f.split, beams=f.beam_size, alpha=f.alpha, max_examples=f.max_examples,
             batch_size=f.batch_size, step=None if f.checkpoint_step < 0 else f.checkpoint_step,
             output_dir=f.output_dir, hf_dir=f.hf_dir, length_penalty=f.length_penalty,
-            checkpoint=f.checkpoint, weights=f.weights,
+            checkpoint=f.checkpoint, weights=f.weights, members=tuple(d for d in f.ensemble.split(",") if d),
+            ensemble_mode=f.ensemble_mode,
         )  # fmt: skip
     except cli.USER_ERRORS as e:
         cli.exit_with_error(e)
@@ -129,6 +148,10 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "weights", "auto", ["auto", "ema", "raw"], "ema: the params' moving average (auto: if kept)."
     )
+    flags.DEFINE_string(
+        "ensemble", "", "More trained workdirs (comma-separated) decoded with --workdir's model."
+    )
+    flags.DEFINE_enum("ensemble_mode", "log", ["log", "prob"], "Average log-probs (log) or probs (prob).")
     flags.DEFINE_string("output_dir", "", "Where to write outputs ('' = <workdir>/eval).")
     flags.mark_flags_as_required(["config", "workdir"])
 

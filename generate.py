@@ -13,6 +13,7 @@ config's max_length are trimmed; bytes that are not UTF-8 are replaced; all are 
 
 from __future__ import annotations
 
+import json
 import sys
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from flaxformer_lite import cli, decoding, experiment, tasks
+from flaxformer_lite import cli, decoding, ensemble, experiment, outputs, tasks
 from flaxformer_lite.ids import EOS_ID
 
 
@@ -47,6 +48,7 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "weights", "auto", ["auto", "ema", "raw"], "ema: the params' moving average (auto: if kept)."
     )
+    outputs.define_flags()
 
 
 def run(
@@ -90,9 +92,11 @@ def run(
         counts["lines"] += 1
         if not text.strip():
             counts["empty"] += 1
-            out.write("\n")
+            out.write(
+                json.dumps({"source": text, "nbest": []}) + "\n" if shown.output_format == "json" else "\n"
+            )
         else:
-            out.write(sp.decode(decoding.strip_after_eos(one(i, text))[0]).replace("\n", " ") + "\n")
+            out.write(one(i, text) + "\n")
         out.flush()
     counts["trimmed"] += tokenize.stats.trimmed
     counts["byte_fallback_tokens"] += tokenize.stats.byte_fallback_tokens
@@ -103,6 +107,64 @@ def run(
             f"{counts['replaced_bytes']} bytes that were not UTF-8 replaced\n"
         )
     return counts
+
+
+def _translator(exp, models, params, tokenize, shown, options):
+    """`one(i, line) -> output text` for a translation model (or ensemble), per `shown`."""
+    sp, config = exp.tokenizer, exp.config
+    decode = tasks.translate_fn(
+        models if len(models) > 1 else models[0], beam_size=options.get("beam_size", 4),
+        alpha=options.get("alpha", 0.6), max_decode_length=config.max_decode_length,
+        length_penalty=options.get("length_penalty", "gnmt"), outputs=True, attention=shown.attention,
+        ensemble_mode=shown.ensemble_mode,
+    )  # fmt: skip
+    params = params if len(params) > 1 else params[0]
+
+    def one(i, text):
+        source, prefix = text.split("\t", 1) if shown.prefix and "\t" in text else (text, "")
+        ids = tokenize({"text": source})["inputs"]  # ids + EOS
+        row = np.zeros((1, config.max_length), np.int32)
+        row[0, : len(ids)] = ids
+        forced = None
+        if shown.prefix:
+            forced = np.zeros((1, config.max_decode_length), np.int32)
+            pieces = sp.encode(prefix)[: config.max_decode_length - 1]
+            forced[0, : len(pieces)] = pieces
+        out = jax.device_get(decode(params, row) if forced is None else decode(params, row, forced))
+        records = outputs.nbest_records(
+            out, 0, shown.nbest, sp.decode, shown.attention_layer if shown.alignment else None, len(ids) - 1
+        )
+        if shown.plot_attention and i + 1 == shown.plot_line:
+            outputs.plot_sentence(shown.plot_attention, out, sp, ids, shown.attention_layer_names(models[0]))
+        return outputs.format_records(i, text, records, shown)
+
+    return one
+
+
+def _continuer(exp, models, params, shown, counts, seed, options):
+    """`one(i, line) -> continuation` for a language model (or ensemble)."""
+    sp, max_length = exp.tokenizer, exp.config.max_length
+    sample = {k: options[k] for k in ("temperature", "top_k", "top_p") if k in options}
+    max_new = options.get("max_new_tokens", 64)
+    decode = jax.jit(
+        lambda p, x, k: decoding.lm_generate_outputs(
+            models, p, x, max_new, rng=k, ensemble_mode=shown.ensemble_mode, **sample
+        )
+    )
+
+    def one(i, text):  # a prompt: no EOS, and a long one keeps its end
+        ids = sp.encode(text)
+        counts["byte_fallback_tokens"] += sum(sp.is_byte(t) for t in ids)
+        if len(ids) > max_length:
+            counts["trimmed"] += 1
+            ids = ids[-max_length:]
+        out = jax.device_get(decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i)))
+        out = {k: v[:, None] for k, v in out.items()}  # one hypothesis per prompt
+        out["logp"], out["valid"] = out["token_logp"].sum(-1), np.ones((1, 1), bool)
+        out["scores"] = out["logp"]
+        return outputs.format_records(i, text, outputs.nbest_records(out, 0, 1, sp.decode), shown)
+
+    return one
 
 
 def run_hf(
@@ -205,7 +267,7 @@ def main(argv):
         run(
             f.config, f.workdir, sys.stdin.buffer, sys.stdout, sys.stderr, seed=f.seed, beam_size=f.beam_size,
             alpha=f.alpha, max_new_tokens=f.max_new_tokens, length_penalty=f.length_penalty,
-            checkpoint=f.checkpoint, weights=f.weights, **sample,
+            checkpoint=f.checkpoint, weights=f.weights, shown=outputs.Shown.from_flags(f), **sample,
         )  # fmt: skip
     except cli.USER_ERRORS as e:
         cli.exit_with_error(e)

@@ -200,7 +200,9 @@ class MultiHeadAttention(nn.Module):
                 q_segment_ids = q_segment_ids.reshape(rows, -1)
             if cached:  # decoding: keys and values from the head-major cache
                 mask = ops.segment_mask(q_segment_ids, kv_segment_ids)
-                out = ops.cached_attention(q, k, v, mask=mask, scale=self._scale).reshape(q_shape)
+                out, probs = ops.cached_attention(q, k, v, mask=mask, scale=self._scale, weights=True)
+                self._sow_weights(probs, q_shape)
+                out = out.reshape(q_shape)
                 return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
         else:
             k, v = key(x), value(x)  # [B, T, K, H]
@@ -240,6 +242,17 @@ class MultiHeadAttention(nn.Module):
             scale=self._scale,
         ).reshape(x.shape[:2] + (N, H))  # [B, T, N, H]
         return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
+
+    def _sow_weights(self, probs: Array, q_shape) -> None:
+        """Keep the cross-attention probabilities [B, T, N, S] in "intermediates" (only if a
+        caller asks for that collection: decoders that print alignments or draw attention).
+
+        probs are [rows, N, beams * T, S] with the beams of a source joined as query steps.
+        """
+        rows, N, _, S = probs.shape
+        B, T = q_shape[:2]
+        per_beam = probs.reshape(rows, N, B // rows, T, S).transpose(0, 2, 3, 1, 4)
+        self.sow("intermediates", "cross_attention_weights", per_beam.reshape(B, T, N, S))
 
     @property
     def _scale(self) -> float | None:
@@ -464,7 +477,7 @@ def run_layers(cfg: ModelConfig, layer_cls, num_layers: int, x: Array, *args, **
     if cfg.scan_layers:
         scanned = nn.scan(
             layer_cls,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=num_layers,

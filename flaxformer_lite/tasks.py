@@ -109,23 +109,38 @@ def get(name: str) -> Task:
 
 
 def translate_fn(
-    model, *, beam_size: int, alpha: float, max_decode_length: int, length_penalty: str = "gnmt"
+    model,
+    *,
+    beam_size: int,
+    alpha: float,
+    max_decode_length: int,
+    length_penalty: str = "gnmt",
+    outputs: bool = False,
+    attention: decoding.Attention | None = None,
+    ensemble_mode: str = "log",
 ) -> Callable:
-    """Jitted (params, [B, S] source ids) -> [B, max_decode_length] ids: beam search (1 = greedy).
+    """Jitted (params, [B, S] source ids[, [B, L] forced prefix ids]) -> [B, max_decode_length] ids:
+    beam search (1 = greedy); with `outputs`, `decoding.translate_outputs`'s dict (n-best, scores,
+    per-token log-probs, attention).
 
-    Each output may be up to 1.5x its source + 10 tokens long (and at most max_decode_length).
-    length_penalty: "gnmt" or "hf" (transformers' generate; see `decoding.beam_search`).
+    `model` and `params` may be lists: an ensemble (`ensemble_mode` "log" or "prob"). Each output
+    may be up to 1.5x its source + 10 tokens long (and at most max_decode_length), or its forced
+    prefix + 1. length_penalty: "gnmt" or "hf" (transformers' generate; see `decoding.beam_search`).
     """
 
-    def decode(params, inputs):
-        if beam_size == 1:
-            return decoding.translate(model, params, inputs, max_decode_length)
-        src_len = jnp.sum(inputs != 0, axis=1)
-        limit = jnp.minimum((src_len * 3) // 2 + 10, max_decode_length)
-        return decoding.translate_beam(
+    def decode(params, inputs, forced=None):
+        limit = None
+        if beam_size > 1:
+            src_len = jnp.sum(inputs != 0, axis=1)
+            limit = (src_len * 3) // 2 + 10
+            if forced is not None:
+                limit = jnp.maximum(limit, jnp.sum(forced > 0, axis=1) + 1)
+            limit = jnp.minimum(limit, max_decode_length)
+        out = decoding.translate_outputs(
             model, params, inputs, max_decode_length, beams=beam_size, alpha=alpha, max_lengths=limit,
-            penalty=length_penalty,
+            penalty=length_penalty, forced=forced, attention=attention, ensemble_mode=ensemble_mode,
         )  # fmt: skip
+        return out if outputs else out["tokens"][:, 0]
 
     return jax.jit(decode)
 

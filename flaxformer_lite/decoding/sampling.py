@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flaxformer_lite.ids import EOS_ID, PAD_ID
 from flaxformer_lite.layers import resize_self_attention_cache, self_attention_cache_slots
 
+NEG_INF = -1.0e7  # a log-prob no hypothesis can reach (finite: sums of it stay comparable)
 STAGED_STEPS = 32  # decoding loops at least this long grow their self-attention cache in stages
 
 
@@ -49,7 +50,31 @@ def _filter_logits(logits, top_k: int, top_p: float):
     return logits
 
 
-def sample(
+def call_step(step_fn, tokens, cache):
+    """(logits, cache, attention or None): a step function may also return its attention weights
+    ([rows, A, S]: A kept layers (or one), source positions S; see `steps.translation_step_fn`)."""
+    out = step_fn(tokens, cache)
+    return out if len(out) == 3 else (*out, None)
+
+
+def force(logp, forced):
+    """Log-probs [B, ..., V] with every token but `forced` [B] (> 0) pushed to NEG_INF; rows with
+    forced 0 are free. The forced token keeps its real log-prob, so it is scored, not generated."""
+    V = logp.shape[-1]
+    keep = (forced[:, None] == jnp.arange(V)[None, :]) | (forced[:, None] <= 0)
+    keep = keep.reshape(keep.shape[:1] + (1,) * (logp.ndim - 2) + keep.shape[1:])
+    return jnp.where(keep, logp, NEG_INF)
+
+
+def sample(step_fn, cache, first_tokens: jax.Array, max_len: int, **kwargs) -> jax.Array:
+    """[B] first input tokens -> [B, max_len] generated ids (EOS included, then PAD).
+
+    Greedy with temperature 0 (the default), else sampled; see `sample_outputs`.
+    """
+    return sample_outputs(step_fn, cache, first_tokens, max_len, **kwargs)["tokens"]
+
+
+def sample_outputs(
     step_fn,
     cache,
     first_tokens: jax.Array,
@@ -60,13 +85,19 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     eos_id: int = EOS_ID,
-) -> jax.Array:
-    """[B] first input tokens -> [B, max_len] generated ids (EOS included, then PAD)."""
+    forced: jax.Array | None = None,
+) -> dict:
+    """Greedy or sampled decoding -> {"tokens": [B, L] ids (EOS, then PAD), "token_logp": [B, L],
+    and with an attention-returning step function "attention": [B, L, A, S]}.
+
+    token_logp is each chosen token's log-probability under the model (log-softmax of the logits,
+    before temperature and filtering); 0 after EOS. `forced` [B, L] ids (0 = free) are emitted
+    verbatim at their steps and scored: a target prefix to continue.
+    """
     B = first_tokens.shape[0]
     rng = jax.random.key(0) if rng is None else rng
 
     def choose(logits, key):
-        logits = logits.astype(jnp.float32)
         if temperature == 0.0:
             return jnp.argmax(logits, axis=-1)
         logits = _filter_logits(logits / temperature, top_k, top_p)
@@ -77,20 +108,34 @@ def sample(
 
     def body(c):
         i = c["i"]
-        logits, cache = step_fn(c["last"][:, None], c["cache"])
-        nxt = choose(logits, jax.random.fold_in(rng, i)).astype(jnp.int32)
+        logits, cache, attn = call_step(step_fn, c["last"][:, None], c["cache"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nxt = choose(logits.astype(jnp.float32), jax.random.fold_in(rng, i)).astype(jnp.int32)
+        if forced is not None:
+            f = jax.lax.dynamic_index_in_dim(forced, i, axis=1, keepdims=False)
+            nxt = jnp.where(f > 0, f, nxt)
         nxt = jnp.where(c["done"], PAD_ID, nxt)
-        tokens = jax.lax.dynamic_update_slice(c["tokens"], nxt[:, None], (0, i))
-        return dict(i=i + 1, tokens=tokens, last=nxt, done=c["done"] | (nxt == eos_id), cache=cache)
+        step_logp = jnp.where(c["done"], 0.0, jnp.take_along_axis(logp, nxt[:, None], axis=1)[:, 0])
+        out = dict(c, i=i + 1, last=nxt, done=c["done"] | (nxt == eos_id), cache=cache)
+        out["tokens"] = jax.lax.dynamic_update_slice(c["tokens"], nxt[:, None], (0, i))
+        out["token_logp"] = jax.lax.dynamic_update_slice(c["token_logp"], step_logp[:, None], (0, i))
+        if attn is not None:
+            out["attention"] = jax.lax.dynamic_update_slice_in_dim(c["attention"], attn[:, None], i, axis=1)
+        return out
 
     init = dict(
         i=jnp.int32(0),
         tokens=jnp.full((B, max_len), PAD_ID, jnp.int32),
+        token_logp=jnp.zeros((B, max_len), jnp.float32),
         last=first_tokens.astype(jnp.int32),
         done=jnp.zeros((B,), bool),
         cache=cache,
     )
-    return _while_in_stages(cond, body, init, max_len)["tokens"]
+    attn_shape = jax.eval_shape(lambda: call_step(step_fn, init["last"][:, None], cache)[2])
+    if attn_shape is not None:
+        init["attention"] = jnp.zeros((B, max_len) + attn_shape.shape[1:], jnp.float32)
+    out = _while_in_stages(cond, body, init, max_len)
+    return {k: out[k] for k in ("tokens", "token_logp", "attention") if k in out}
 
 
 def strip_after_eos(ids) -> list[list[int]]:

@@ -108,13 +108,13 @@ def reference_attention(
 
 
 def _grouped_attention(
-    q, k, v, kv_layout: str, *, mask, bias, dropout_rate=0.0, dropout_rng=None, scale=None
+    q, k, v, kv_layout: str, *, mask, bias, dropout_rate=0.0, dropout_rng=None, scale=None, weights=False
 ):
     """The einsum attention of `reference_attention` and `cached_attention`.
 
     `kv_layout` names the key axes: "bskh" ([B, S, K, H] keys and values) or "bkhs" (head-major
     cache: keys [B, K, H, S], values [B, K, S, H]). Query heads are grouped by the kv head they
-    share; fp32 logits and softmax.
+    share; fp32 logits and softmax. weights: also return the probabilities [B, N, T, S].
     """
     B, T, N, H = q.shape
     K = k.shape[kv_layout.index("k")]
@@ -130,8 +130,8 @@ def _grouped_attention(
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
         probs = _dropout(probs, dropout_rate, dropout_rng)
-    out = jnp.einsum(f"bkgts,{v_layout}->btkgh", probs.astype(v.dtype), v)
-    return out.reshape(B, T, N, H)
+    out = jnp.einsum(f"bkgts,{v_layout}->btkgh", probs.astype(v.dtype), v).reshape(B, T, N, H)
+    return (out, probs.reshape(B, N, T, -1)) if weights else out
 
 
 def cached_attention(
@@ -142,15 +142,17 @@ def cached_attention(
     mask: Bool[Array, "#B #N T S"] | None = None,
     bias: Float[Array, "#B #N T S"] | None = None,
     scale: float | None = None,
-) -> Float[Array, "B T N H"]:
+    weights: bool = False,
+) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B N T S"]]:
     """Attention over a head-major KV cache (decoding): keys [B, K, H, S], values [B, K, S, H].
 
     Those are the layouts the two matmuls read, so a decoding step never transposes the cache
     (with [B, S, K, H] XLA copies every cached key and value once per step). fp32 logits and
     softmax, GQA/MQA by grouping query heads; mask/bias/scale as in `reference_attention`.
+    weights: also return the attention probabilities [B, N, T, S] (fp32).
     """
     _announce(f"KV-cache decoding q{tuple(q.shape)} cache S={k.shape[3]}: head-major cache attention (XLA)")
-    return _grouped_attention(q, k, v, "bkhs", mask=mask, bias=bias, scale=scale)
+    return _grouped_attention(q, k, v, "bkhs", mask=mask, bias=bias, scale=scale, weights=weights)
 
 
 def _group_heads(x: Array, K: int, G: int) -> Array:
