@@ -55,6 +55,9 @@ def get_config():
     # A transformers checkpoint dir (e.g. an opus-mt Marian model): its architecture, tokenizer and
     # weights replace the preset, the SentencePiece training and the random init (fine-tuning).
     c.init_from_hf = ""
+    # A workdir of ours to start from (its newest checkpoint's params, its tokenizer): pretraining
+    # then fine-tuning; a classifier's head stays new (flaxformer_lite/init_from.py). "" = none.
+    c.init_from = ""
     # ---- optimisation
     c.num_train_steps = 100_000
     # cosine: the steps it decays over; 0 = the num_train_steps the run starts with (a resumed run
@@ -72,6 +75,14 @@ def get_config():
     c.ema_decay = 0.0  # > 0: keep an exponential moving average of the params (eval.py uses it)
     c.scheduled_sampling_max_prob = 0.0  # translation only: feed own predictions with this prob...
     c.scheduled_sampling_ramp_steps = 10_000  # ...reached linearly after this many steps
+    # mle: token-level cross-entropy | mrt: minimum risk training against sentence BLEU (mrt.py;
+    # translation, padded batches: fine-tune a trained model with init_from or in its own workdir)
+    c.objective = "mle"
+    c.mrt_candidates = 4  # K candidates per source
+    c.mrt_source = "sample"  # sample (with mrt_temperature) | beam (the beam's K best)
+    c.mrt_temperature = 1.0
+    c.mrt_alpha = 1.0  # q = softmax(alpha * log P) over the distinct candidates (Shen et al.: 5e-3)
+    c.mrt_mix = 0.3  # weight of the token-level loss added to the risk (0 = risk alone)
     # ---- parallelism (mesh sizes; one may be -1 = all remaining devices)
     c.mesh_data = -1
     c.mesh_fsdp = 1

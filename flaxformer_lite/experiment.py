@@ -164,6 +164,7 @@ class Experiment:
             grad_accum_steps=c.grad_accum_steps,
             sampling_schedule=sampling,
             ema_decay=c.get("ema_decay", 0.0),
+            objective=self._objective(),
         )
         with jax.set_mesh(self.mesh):
             return jax.jit(
@@ -172,6 +173,17 @@ class Experiment:
                 out_shardings=(shardings, None),
                 donate_argnums=0,
             )
+
+    def _objective(self):
+        """The loss the train step minimises: None (token-level) or minimum risk (mrt.py)."""
+        c = self.config
+        if c.get("objective", "mle") != "mrt":
+            return None
+        from flaxformer_lite import mrt
+
+        options = dict(k=c.mrt_candidates, source=c.mrt_source, temperature=c.mrt_temperature,
+                       alpha=c.mrt_alpha, mix=c.mrt_mix)  # fmt: skip
+        return functools.partial(mrt.loss_sums, options=options)
 
     @property
     def checkpoint_dir(self) -> str:

@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = (
     "max_decode_length", "checkpoint_every", "keep_checkpoints", "async_checkpoints", "data_dir",
     "mesh_data", "mesh_fsdp", "mesh_tensor", "distributed", "coordinator_address", "num_processes",
     "process_id", "model.overrides.attention_impl", "model.overrides.remat_policy", "keep_best", "patience",
-    "valid_beam_size",
+    "valid_beam_size", "objective", "mrt_candidates", "mrt_source", "mrt_temperature", "mrt_alpha", "mrt_mix",
 )  # fmt: skip
 
 

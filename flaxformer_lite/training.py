@@ -147,13 +147,15 @@ def _scheduled_sampling_inputs(model, task: Task, params, batch, rng, prob):
 
 
 def loss_sums(params, batch, rng, *, model, task, label_smoothing=0.0, sampling_prob=None):
-    """(smoothed loss sum, (weight sum, NLL sum, correct count)) over a batch."""
+    """(smoothed loss sum, (weight sum, NLL sum, correct count, extra metric sums)) over a batch.
+
+    Another objective (e.g. `mrt.loss_sums`) returns the same, its own metrics in the dict."""
     decoder_inputs = None
     if sampling_prob is not None:
         decoder_inputs = _scheduled_sampling_inputs(model, task, params, batch, rng, sampling_prob)
     logits, targets, weights = task.forward(model, params, batch, rng, decoder_inputs)
     loss, nll, correct, denom = ops.token_losses(logits, targets, weights, label_smoothing)
-    return loss, (denom, nll, correct)
+    return loss, (denom, nll, correct, {})
 
 
 # ------------------------------------------------------------------------------ steps
@@ -172,14 +174,20 @@ def train_step(
     grad_accum_steps: int = 1,
     sampling_schedule: Callable | None = None,
     ema_decay: float = 0.0,
+    objective: Callable | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer update from `batch` (split into `grad_accum_steps` micro-batches); with an
-    `ema_params` state, also their moving average (`ema_update`)."""
+    `ema_params` state, also their moving average (`ema_update`). objective: a loss with
+    `loss_sums`'s signature and returns (default: the token-level loss)."""
     step_rng = jax.random.fold_in(rng, state.step)
     prob = None if sampling_schedule is None else sampling_schedule(state.step)
     grad_fn = jax.value_and_grad(
         functools.partial(
-            loss_sums, model=model, task=task, label_smoothing=label_smoothing, sampling_prob=prob
+            objective or loss_sums,
+            model=model,
+            task=task,
+            label_smoothing=label_smoothing,
+            sampling_prob=prob,
         ),
         has_aux=True,
     )
@@ -191,11 +199,18 @@ def train_step(
 
     k = grad_accum_steps
     if k == 1:  # no scan around a single micro-batch: XLA fuses and reuses buffers across it
-        (loss, (denom, nll, correct)), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0))
+        (loss, aux), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0))
     else:  # [B, ...] -> [k, B/k, ...]; a scan sums micro-batch gradients before the single division
         micro_batches = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
-        zeros = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), (jnp.zeros(()),) * 3
-        (grads, loss, (denom, nll, correct)), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(k)))
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        aux_shape = jax.eval_shape(grad_fn, state.params, first, step_rng)[0][1]
+        zeros = (
+            jax.tree.map(jnp.zeros_like, state.params),
+            jnp.zeros(()),
+            jax.tree.map(jnp.zeros_like, aux_shape),
+        )
+        (grads, loss, aux), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(k)))
+    denom, nll, correct, extras = aux
     denom = jnp.maximum(denom, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -212,6 +227,7 @@ def train_step(
     }
     if prob is not None:
         metrics["sampling_prob"] = prob
+    metrics.update({name: value / k for name, value in extras.items()})  # per micro-batch means
     return new_state, metrics
 
 
@@ -227,7 +243,7 @@ def ema_update(ema, params, step: jax.Array, decay: float):
 def eval_step(params, batch: dict, *, model: nn.Module, task: Task) -> dict:
     """Sums (not means) of NLL, weights and correct tokens, to be added over batches."""
     model = variant(model, deterministic=True)
-    nll, (denom, _, correct) = loss_sums(params, batch, jax.random.key(0), model=model, task=task)
+    nll, (denom, _, correct, _) = loss_sums(params, batch, jax.random.key(0), model=model, task=task)
     return {"nll_sum": nll, "weight_sum": denom, "correct_sum": correct}
 
 
