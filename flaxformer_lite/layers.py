@@ -128,7 +128,7 @@ class Embed(nn.Module):
     def attend(self, x: Array) -> Array:
         """[B, T, d_model] -> [B, T, num_embeddings] logits."""
         dtype = self.config.dtype
-        return jnp.einsum("btd,vd->btv", x.astype(dtype), self.embedding.astype(dtype))
+        return ops.tied_logits(x.astype(dtype), self.embedding.astype(dtype))  # [B, T, V]
 
 
 class Mlp(nn.Module):

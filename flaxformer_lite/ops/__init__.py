@@ -14,6 +14,7 @@ from flaxformer_lite.ops.attention import (
 )
 from flaxformer_lite.ops.dropout import dropout
 from flaxformer_lite.ops.fused import segment_layout
+from flaxformer_lite.ops.logits import tied_logits
 from flaxformer_lite.ops.losses import accuracy, cross_entropy, token_losses
 from flaxformer_lite.ops.norms import layer_norm, rms_norm
 from flaxformer_lite.ops.positions import (
@@ -54,5 +55,6 @@ __all__ = [
     "sinusoidal_embedding",
     "sinusoidal_table",
     "sliding_window_mask",
+    "tied_logits",
     "token_losses",
 ]
