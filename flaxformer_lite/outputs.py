@@ -16,7 +16,7 @@ from flaxformer_lite.decoding import ENSEMBLE_MODES, Attention
 from flaxformer_lite.ids import EOS_ID, PAD_ID
 
 CELL = 0.35  # inches per source/target piece in an attention map
-MARGIN_W, MARGIN_H = 1.6, 1.9  # inches around each panel: piece labels, title
+MARGIN_W, MARGIN_H = 0.9, 1.9  # inches around each panel: piece labels, title
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +207,6 @@ def plot_attention(
         ax.set_yticks(range(T), target, fontsize=7)
         ax.set_title(title, fontsize=8)
     w, h = size
-    fig.subplots_adjust(left=0.9 / w, right=1 - 0.2 / w, bottom=1.2 / h, top=1 - 0.4 / h, wspace=0.6)
+    fig.subplots_adjust(left=0.8 / w, right=1 - 0.1 / w, bottom=1.2 / h, top=1 - 0.4 / h, wspace=0.15)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
