@@ -32,11 +32,19 @@ def evaluate(config, workdir: str, split: str, *, beams: int, alpha: float, max_
         config.init_from_hf = hf_dir
     exp = experiment.build(config, workdir, tokenizer="load")
     step, params = exp.restore_params(step, checkpoint=checkpoint, weights=weights)
+    if exp.task.classifies:  # accuracy, F1, loss; predictions with probabilities (classify_eval.py)
+        from flaxformer_lite import classify_eval
+
+        summary = {"split": split, "checkpoint_step": step, "checkpoint": checkpoint, "weights": weights,
+                   "dataset": config.dataset_name}  # fmt: skip
+        out_dir = output_dir or os.path.join(workdir, "eval")
+        return classify_eval.evaluate_and_write(exp, params, split, out_dir=out_dir, summary=summary,
+                                                max_examples=max_examples)  # fmt: skip
     decode = None
     if exp.task.translates:
-        decode = tasks.translate_fn(
-            exp.inference_model, beam_size=beams, alpha=alpha, max_decode_length=config.max_decode_length,
-            length_penalty=length_penalty,
+        decode = _decode_fn(
+            exp, params, beams=beams, alpha=alpha, length_penalty=length_penalty, members=members,
+            ensemble_mode=ensemble_mode, checkpoint=checkpoint, weights=weights,
         )  # fmt: skip
     max_batches = -(-max_examples // exp.host_batch_size) if max_examples else 0
     result = evaluation.evaluate(
@@ -88,6 +96,11 @@ def _lines(lines: list[str]) -> str:
 
 
 def _print(summary: dict) -> None:
+    if "f1" in summary:  # a classification task
+        from flaxformer_lite import classify_eval
+
+        print(classify_eval.describe(summary))
+        return
     print(f"{summary['split']} (step {summary['checkpoint_step']}): perplexity {summary['perplexity']:.2f}")
     if "bleu" not in summary:
         return

@@ -52,42 +52,36 @@ def define_flags() -> None:
 
 
 def run(
-    config, workdir: str, lines, out, err, *, seed=0, checkpoint="last", weights="auto", **options
+    config, workdir: str, lines, out, err, *, seed=0, checkpoint="last", weights="auto", shown=None, **options
 ) -> dict:
-    """Process `lines` (str or bytes), writing one line to `out` for each; returns what was counted."""
+    """Process `lines` (str or bytes), writing one line to `out` for each; returns what was counted.
+
+    shown: what to print besides the output text (`outputs.Shown`: n-best, JSON, alignments,
+    attention map, forced prefixes, ensemble members).
+    """
     decoding.check_options(**options)
+    shown = shown or outputs.Shown()
     exp = experiment.build(config, workdir, tokenizer="load")
+    if exp.task.classifies:  # "label<TAB>probabilities" per line, pairs as a<TAB>b (classify_eval.py)
+        from flaxformer_lite import classify_eval
+
+        _, params = exp.restore_params(checkpoint=checkpoint, weights=weights)
+        return classify_eval.classify_lines(exp, params, lines, out, err)
     if not (exp.task.translates or exp.task.generates):
         raise ValueError(f"generate.py translates or continues text; task {exp.task.name!r} does neither.")
+    shown.check(translates=exp.task.translates, beam_size=options.get("beam_size", 4))
     _, params = exp.restore_params(checkpoint=checkpoint, weights=weights)
-    sp, max_length = exp.tokenizer, config.max_length
+    max_length = config.max_length
     counts = {"lines": 0, "empty": 0, "trimmed": 0, "byte_fallback_tokens": 0, "replaced_bytes": 0}
     tokenize = exp.tokenize(keys={"inputs": "text"})  # translation sources: ids + EOS, trimmed, counted
+    models, params = [exp.inference_model], [params]
+    if shown.ensemble:
+        more = ensemble.load(exp, list(shown.ensemble), checkpoint=checkpoint, weights=weights)
+        models, params = models + more[0], params + more[1]
     if exp.task.translates:
-        decode = tasks.translate_fn(
-            exp.inference_model, beam_size=options.get("beam_size", 4), alpha=options.get("alpha", 0.6),
-            max_decode_length=config.max_decode_length, length_penalty=options.get("length_penalty", "gnmt"),
-        )  # fmt: skip
-
-        def one(i, text):
-            ids = tokenize({"text": text})["inputs"]
-            row = np.zeros((1, max_length), np.int32)
-            row[0, : len(ids)] = ids
-            return decode(params, row)
+        one = _translator(exp, models, params, tokenize, shown, options)
     else:
-        sample = {k: options[k] for k in ("temperature", "top_k", "top_p") if k in options}
-        decode = tasks.continue_fn(
-            exp.inference_model, max_new_tokens=options.get("max_new_tokens", 64), **sample
-        )
-
-        def one(i, text):  # a prompt: no EOS, and a long one keeps its end
-            ids = sp.encode(text)
-            counts["byte_fallback_tokens"] += sum(sp.is_byte(t) for t in ids)
-            if len(ids) > max_length:
-                counts["trimmed"] += 1
-                ids = ids[-max_length:]
-            return decode(params, jnp.array([ids], jnp.int32), jax.random.key(seed + i))
-
+        one = _continuer(exp, models, params, shown, counts, seed, options)
     for i, text in enumerate(cli.text_lines(lines, counts)):
         counts["lines"] += 1
         if not text.strip():

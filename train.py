@@ -161,11 +161,12 @@ def _resume(exp, ckpt, state, shardings, train_iter):
     if restored is not None:
         logging.info("resumed from the checkpoint at step %d", restored[0])
         return exp, *restored
-    if exp.config.init_from_hf:  # fine-tuning: the imported weights replace the random init
-        imported = exp.imported_params(shardings.params)
+    source = exp.config.init_from_hf or exp.config.get("init_from")  # a transformers dir or a workdir of ours
+    if source:  # fine-tuning: the imported weights replace the random init (a new head stays new)
+        imported = exp.imported_params(shardings.params, state.params)
         ema = None if state.ema_params is None else jax.tree.map(jnp.copy, imported)
         state = state.replace(params=imported, ema_params=ema)
-        logging.info("initialised from the transformers checkpoint %s", exp.config.init_from_hf)
+        logging.info("initialised from the pretrained weights in %s", source)
     return exp, 0, state
 
 

@@ -32,7 +32,8 @@ def model_overrides() -> ml_collections.ConfigDict:
 def get_config():
     c = ml_collections.ConfigDict()
     # ---- task and data
-    c.task = "translation"  # translation (EncoderDecoder) | lm (DecoderOnly) | mlm (EncoderOnly)
+    # translation (EncoderDecoder) | lm, classify_causal (DecoderOnly) | mlm, classify (EncoderOnly)
+    c.task = "translation"
     c.dataset_name = "bible_translate/en-de"  # ours, or any TFDS dataset prepared in data_dir
     c.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or <workdir>/tfds
     c.manual_dir = ""  # folder of train.tsv/... for tsv_translate and text_lm

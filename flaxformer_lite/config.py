@@ -61,7 +61,10 @@ class ModelConfig:
     init_std: float | None = None  # None: Xavier-uniform dense, d_model**-0.5 embeddings; else N(0, std)
     dropout_rate: float = 0.1  # residual and embedding dropout
     attention_dropout_rate: float = 0.0  # > 0 forces the einsum attention path (no fused kernel)
-    num_classes: int = 2  # classification head of EncoderOnly
+    num_classes: int = 2  # classification heads (EncoderOnly's; DecoderOnly.classify)
+    # Which final states a classification head reads: auto (first token for EncoderOnly, last real
+    # token for DecoderOnly) | first | last | mean (see ops.pooling)
+    pooling: str = "auto"
     dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
     param_dtype: Any = jnp.float32  # parameters (and so optimizer state) stay float32
     attention_impl: str | None = None  # None (choose per backend) | xla | cudnn | splash | reference
@@ -124,6 +127,8 @@ class ModelConfig:
             f"use one of {ATTENTION_IMPLS}",
         )
         _check(self.type_vocab_size >= 0, "type_vocab_size", self.type_vocab_size, "use 0 (none) or more")
+        poolings = ("auto", "first", "last", "mean")
+        _check(self.pooling in poolings, "pooling", self.pooling, f"use one of {poolings}")
         for name in ("dropout_rate", "attention_dropout_rate"):
             rate = getattr(self, name)
             _check(0.0 <= rate < 1.0, name, rate, "use a rate in [0, 1)")

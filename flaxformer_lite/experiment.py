@@ -20,7 +20,18 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from flaxformer_lite import checkpoint, datasets, files, runtime, sharding, tasks, training, validation
+from flaxformer_lite import (
+    checkpoint,
+    classification,
+    datasets,
+    files,
+    init_from,
+    runtime,
+    sharding,
+    tasks,
+    training,
+    validation,
+)
 from flaxformer_lite import input_pipeline as ip
 from flaxformer_lite.models import variant
 from flaxformer_lite.run_config import (  # noqa: F401  (re-exported: experiment.validate, ...)
@@ -43,6 +54,7 @@ class Data:
     data_dir: str
     builder_kwargs: dict
     keys: dict[str, str]
+    labels: tuple[str, ...] = ()  # class names (classification tasks)
 
     @classmethod
     def from_config(cls, config, workdir: str, task: tasks.Task) -> Data:
@@ -56,7 +68,10 @@ class Data:
                 config.dataset_name, data_dir, config.reverse_translation, **kwargs
             )
             keys = {"inputs": src, "targets": tgt}
-        return cls(config.dataset_name, data_dir, kwargs, keys)
+        labels = ()
+        if task.classifies:
+            keys, labels = classification.dataset_labels(config.dataset_name, data_dir, **kwargs)
+        return cls(config.dataset_name, data_dir, kwargs, keys, labels)
 
     @property
     def tag(self) -> str:
@@ -102,6 +117,9 @@ class Experiment:
         return variant(self.model, deterministic=True)
 
     def tokenize(self, stats: ip.TokenizeStats | None = None, keys: dict | None = None) -> ip.Tokenize:
+        if self.task.classifies or self.config.get("next_sentence"):  # [CLS] a [SEP] b [SEP], label
+            texts = list((keys or self.data.keys).values()) if self.task.classifies else ["text_a", "text_b"]
+            return classification.Tokenize(self.tokenizer, texts, self.config.max_length, stats)
         return ip.Tokenize(self.tokenizer, keys or self.data.keys, self.config.max_length, stats)
 
     def train_dataset(self, stats: ip.TokenizeStats | None = None):
@@ -115,8 +133,11 @@ class Experiment:
 
     def _dataset(self, split: str, tokenize: ip.Tokenize, *, train: bool):
         c = self.config
+        source = self.data.open(split)
+        if c.get("next_sentence"):  # BERT's next-sentence pairs of consecutive texts (MLM)
+            source = classification.NextSentencePairs(source, c.seed, self.data.keys["targets"])
         return ip.make_dataset(
-            self.data.open(split),
+            source,
             tokenize,
             batch_size=self.host_batch_size,
             max_length=c.max_length,
@@ -197,11 +218,22 @@ class Experiment:
         directory = kwargs.pop("directory", self.checkpoint_dir)
         return checkpoint.Checkpointer(directory, **{**options, **kwargs})
 
-    def imported_params(self, shardings):
-        """The params of the `init_from_hf` checkpoint, placed as `shardings` (a matching tree)."""
-        from flaxformer_lite import interop
+    def imported_params(self, shardings, fresh=None):
+        """The params of the `init_from_hf` checkpoint (or, with `init_from`, of a pretrained workdir of
+        ours), placed as `shardings` (a matching tree). With `fresh` (the new model's initial params)
+        for a classifier or `init_from`, only what both hold is copied in; the head stays new."""
+        if self.config.get("init_from"):
+            family = self.task.model_class.__name__
+            init_from.check_architecture(self.config.init_from, self.model.config, family)
+            step, params = init_from.read_params(self.config.init_from)
+            source = f"{self.config.init_from} (step {step})"
+        else:
+            from flaxformer_lite import interop
 
-        _, params = interop.from_hf(self.config.init_from_hf)
+            _, params = interop.from_hf(self.config.init_from_hf)
+            source = self.config.init_from_hf
+        if fresh is not None and (self.task.classifies or self.config.get("init_from")):
+            params, _ = init_from.merge(params, fresh, source)
         dtype = self.model.config.param_dtype
         return jax.tree.map(lambda s, x: jax.device_put(np.asarray(x, dtype), s), shardings, params)
 
@@ -338,10 +370,16 @@ def build(
 
         data = Data.from_config(config, workdir, task)
         sp, vocab = interop.load_tokenizer(config.init_from_hf), None
+    elif config.get("init_from"):  # a pretrained run of ours: its tokenizer, copied into workdir
+        data = Data.from_config(config, workdir, task)
+        sp = init_from.adopt_tokenizer(config.init_from, workdir)
+        vocab = sp.get_piece_size()
     else:
         data = Data.from_config(config, workdir, task)
         sp = _tokenizer(config, workdir, data, train=tokenizer == "train")
         vocab = sp.get_piece_size()
+    if task.classifies:  # as many classes as the dataset has
+        config = classification.with_classes(config, len(data.labels) if data else 2)
     model = task.model_class(model_config(config, vocab))
     if config.get("init_from_hf"):
         from flaxformer_lite import interop

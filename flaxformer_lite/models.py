@@ -99,8 +99,10 @@ class Decoder(nn.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         encoded_segment_ids: Array | None = None,
+        hidden_only: bool = False,
     ) -> Array:
-        """[B, T] ids -> [B, T, vocab] logits (compute dtype; losses upcast to float32)."""
+        """[B, T] ids -> [B, T, vocab] logits (compute dtype; losses upcast to float32), or with
+        `hidden_only` the final [B, T, d_model] states (for a classification head, no LM head)."""
         cfg = self.config
         if positions is None and cfg.decode:
             # Decoding one chunk at a time: continue positions from where the last call stopped.
@@ -125,7 +127,7 @@ class Decoder(nn.Module):
         )
         if cfg.pre_norm:
             x = Norm(cfg, name="final_norm")(x)
-        return _vocab_logits(self, cfg, self.embed, x, "logits")
+        return x if hidden_only else _vocab_logits(self, cfg, self.embed, x, "logits")
 
 
 def _shared_table(stack: nn.Module) -> Array | None:
@@ -226,12 +228,25 @@ class DecoderOnly(nn.Module):
     def setup(self):
         self.embed = _token_embed(self.config)
         self.decoder = Decoder(self.config, self.embed, cross=False)
+        # Created only when `classify` runs: an LM's params never hold it.
+        self.classifier = dense(self.config, self.config.num_classes, (EMBED, CLASSES), "classifier")
 
     def __call__(
         self, tokens: Array, *, segment_ids: Array | None = None, positions: Array | None = None
     ) -> Array:
         """Right padding needs no segment ids (causality hides it); packed or left-padded rows do."""
         return self.decoder(tokens, None, segment_ids, positions)
+
+    def classify(
+        self, tokens: Array, pool: Array, *, segment_ids: Array | None = None, positions: Array | None = None
+    ) -> Array:
+        """[B, T] ids, [B, S, T] pooling weights (`ops.pooling`) -> [B, S, num_classes] logits.
+
+        GPT (Radford et al. 2018): a linear layer on the pooled final states, usually the last
+        real token's, the only one that has read the whole sequence.
+        """
+        hidden = self.decoder(tokens, None, segment_ids, positions, hidden_only=True)
+        return self.classifier(jnp.einsum("bst,btd->bsd", pool.astype(hidden.dtype), hidden))
 
 
 class EncoderOnly(nn.Module):
@@ -247,11 +262,14 @@ class EncoderOnly(nn.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         token_types: Array | None = None,
+        pool: Array | None = None,
     ) -> tuple[Array, Array]:
         """[B, S] ids -> ([B, S, vocab] MLM logits, [B, num_classes] classification logits).
 
         The MLM head is BERT's: dense, the config's activation (GELU for a gated one), norm, then
-        the vocabulary (tied or not) plus, with `logits_bias`, a bias.
+        the vocabulary (tied or not) plus, with `logits_bias`, a bias. The classification head
+        reads each row's first token, or with `pool` ([B, P, S] weights, `ops.pooling`) one pooled
+        vector per packed sequence: then its logits are [B, P, num_classes].
         """
         cfg = self.config
         embed = _token_embed(cfg)
@@ -260,6 +278,7 @@ class EncoderOnly(nn.Module):
         act = ops.ACTIVATIONS["gelu" if cfg.gated else cfg.activation]
         h = Norm(cfg, name="mlm_norm")(act(dense(cfg, cfg.d_model, (EMBED, MLP), "mlm_dense")(x)))
         mlm_logits = _vocab_logits(self, cfg, embed, h, "mlm_logits")
-        pooled = jnp.tanh(dense(cfg, cfg.d_model, (EMBED, MLP), "pooler")(x[:, 0]))
+        first = x[:, 0] if pool is None else jnp.einsum("bps,bsd->bpd", pool.astype(x.dtype), x)
+        pooled = jnp.tanh(dense(cfg, cfg.d_model, (EMBED, MLP), "pooler")(first))
         class_logits = dense(cfg, cfg.num_classes, (MLP, CLASSES), "classifier")(pooled)
         return mlm_logits, class_logits

@@ -93,6 +93,38 @@ def validate(config) -> None:
         f"scheduled sampling is for translation tasks, not task={task.name!r}",
     )
     _validate_selection(config, task, need)
+    _validate_objective(config, task, need)
+    need(
+        not (config.get("init_from") and config.get("init_from_hf")),
+        "init_from and init_from_hf are both set; start from one of them",
+    )
+    need(
+        not config.get("freeze_body") or task.classifies,
+        f"freeze_body is for classification, not task={task.name!r}",
+    )
+    need(
+        not config.get("next_sentence") or task.name == "mlm",
+        f"next_sentence is for task='mlm', not {task.name!r}",
+    )
+    need(
+        not config.get("next_sentence") or config.label_smoothing == 0,
+        "next_sentence needs label_smoothing=0 (the pair logits share the vocabulary's softmax)",
+    )
+
+
+def _validate_objective(config, task, need) -> None:
+    objective = config.get("objective", "mle")
+    need(objective in ("mle", "mrt"), f"objective={objective!r}; use mle or mrt")
+    if objective != "mrt":
+        return
+    need(task.translates, f"objective=mrt trains translation models, not task={task.name!r}")
+    need(not config.pack, "objective=mrt needs pack=False (a row per sentence, for its candidates)")
+    need(config.mrt_candidates >= 2, f"mrt_candidates={config.mrt_candidates} must be >= 2")
+    need(config.mrt_source in ("sample", "beam"), f"mrt_source={config.mrt_source!r}; use sample or beam")
+    need(config.mrt_temperature > 0, f"mrt_temperature={config.mrt_temperature} must be > 0")
+    need(config.mrt_alpha > 0, f"mrt_alpha={config.mrt_alpha} must be > 0")
+    need(config.mrt_mix >= 0, f"mrt_mix={config.mrt_mix} must be >= 0")
+    need(config.scheduled_sampling_max_prob == 0, "objective=mrt and scheduled sampling: use one of them")
 
 
 def _validate_selection(config, task, need) -> None:
@@ -135,7 +167,8 @@ def model_config(config, vocab_size: int) -> ModelConfig:
 
         cfg = interop.config_from_dir(config.init_from_hf)
         runtime_fields = {k: v for k, v in overrides.items() if k in NOT_ARCHITECTURE and k != "max_len"}
-        return cfg.replace(**runtime_fields, **({} if config.pack else {"max_segments": 1}))
+        head = {k: v for k, v in overrides.items() if k in ("num_classes", "pooling")}  # a new classifier's
+        return cfg.replace(**runtime_fields, **head, **({} if config.pack else {"max_segments": 1}))
     overrides.pop("vocab_size", None)  # always the tokenizer's
     if not config.pack:
         overrides.setdefault("max_segments", 1)  # padded rows: one sequence each
@@ -161,4 +194,8 @@ def make_optimizer(config, d_model: int):
         weight_decay=config.weight_decay,
         clip_norm=config.clip_norm or None,
     )
+    if config.get("freeze_body"):  # fine-tune the classification head alone
+        from flaxformer_lite.classification import freeze_body
+
+        tx = freeze_body(tx)
     return tx, schedule

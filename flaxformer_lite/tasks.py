@@ -1,4 +1,5 @@
-"""What differs between tasks, one record each: translation, language modelling, masked LM.
+"""What differs between tasks, one record each: translation, language modelling, masked LM,
+classification (BERT-style and GPT-style; the details are in classification.py).
 
 A `Task` says which model family it trains, which batch features it reads, how a batch becomes
 model arguments, logits and loss weights, and how it is evaluated and decoded. Code outside this
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxformer_lite import decoding, ops
+from flaxformer_lite import classification, decoding, ops
 from flaxformer_lite.ids import MASK_ID
 from flaxformer_lite.models import DecoderOnly, EncoderDecoder, EncoderOnly
 
@@ -33,6 +34,8 @@ class Task:
     forward: Callable  # (model, params, batch, rng, decoder_inputs) -> (logits, targets, weights)
     translates: bool = False  # evaluated by BLEU/chrF on decoded text; scheduled sampling applies
     generates: bool = False  # continues prompts (generate.py)
+    classifies: bool = False  # one label per text or pair (classification.py: data, eval, generate)
+    init_with: Callable | None = None  # (model, rng, batch) -> variables, when not model.init(batch)
 
     @property
     def paired(self) -> bool:
@@ -46,6 +49,8 @@ class Task:
 
     def init(self, model: nn.Module, rng: Array, batch: dict) -> dict:
         """Variables of `model` initialised on `batch`."""
+        if self.init_with is not None:
+            return self.init_with(model, rng, batch)
         args, kwargs = model_args(batch, batch["targets"])
         return model.init(rng, *args, **kwargs)
 
@@ -78,6 +83,8 @@ def _next_token_forward(model, params, batch, rng, decoder_inputs=None):
 def _masked_lm_forward(model, params, batch, rng, decoder_inputs=None):
     """BERT: mask MLM_MASK_RATE of the real tokens, predict them (weights only on masked ones)."""
     del decoder_inputs
+    if "labels" in batch:  # next-sentence pairs (config.next_sentence): BERT's two objectives
+        return classification.masked_lm_and_next_sentence(model, params, batch, rng)
     targets = batch["targets"]
     real = batch["targets_segment_ids"] > 0
     mask_rng, rng = jax.random.split(rng)
@@ -95,7 +102,14 @@ def _masked_lm_forward(model, params, batch, rng, decoder_inputs=None):
 TRANSLATION = Task("translation", EncoderDecoder, ("inputs", "targets"), _next_token_forward, translates=True)
 LM = Task("lm", DecoderOnly, ("targets",), _next_token_forward, generates=True)
 MLM = Task("mlm", EncoderOnly, ("targets",), _masked_lm_forward)
-TASKS = {t.name: t for t in (TRANSLATION, LM, MLM)}
+# Classification (issue 30): BERT-style (first token) and GPT-style (last real token or mean).
+_CLASSIFY = dict(
+    features=("targets", "token_types", "labels"), forward=classification.classify_forward,
+    classifies=True, init_with=classification.classify_init,
+)  # fmt: skip
+CLASSIFY = Task("classify", EncoderOnly, **_CLASSIFY)
+CLASSIFY_CAUSAL = Task("classify_causal", DecoderOnly, **_CLASSIFY)
+TASKS = {t.name: t for t in (TRANSLATION, LM, MLM, CLASSIFY, CLASSIFY_CAUSAL)}
 
 
 def get(name: str) -> Task:

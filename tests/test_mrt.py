@@ -41,7 +41,7 @@ def test_sentence_bleu_equals_sacrebleu_on_ids():
 
 
 def _tiny():
-    cfg = fl.tiny(vocab_size=23, position="sinusoidal", max_len=16, activation="gelu")  # smooth: no ReLU kinks
+    cfg = fl.tiny(vocab_size=23, position="sinusoidal", max_len=16, activation="gelu")  # smooth, no kinks
     model = fl.EncoderDecoder(cfg)
     src = np.array([[5, 6, 7, EOS_ID, 0, 0], [8, 9, EOS_ID, 0, 0, 0]], np.int32)
     params = nn.unbox(model.init(jax.random.key(0), src, src)["params"])

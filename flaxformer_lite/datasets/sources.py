@@ -13,7 +13,10 @@ from absl import logging
 
 from flaxformer_lite import files
 
-OUR_BUILDERS = ("bible_translate", "bible_lm", "tsv_translate", "text_lm")
+OUR_BUILDERS = (
+    "bible_translate", "bible_lm", "tsv_translate", "text_lm",
+    "bible_paraphrase", "bible_version", "tsv_classify",  # classification (issue 30)
+)  # fmt: skip
 
 
 def default_data_dir(workdir: str) -> str:

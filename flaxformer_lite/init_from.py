@@ -1,0 +1,143 @@
+"""Start a run from another run of ours (`config.init_from=WORKDIR`) or a transformers import with a
+new head: the pretrained body's params are copied, the classifier is new.
+
+Fine-tuning reads text the way pretraining did, so the pretrained workdir's tokenizer is copied
+into the new workdir (a different one there is an error); the body must have the same
+architecture (checked field by field against the config saved with the checkpoint, then shape
+by shape), or the copied weights would compute something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+NEW_HEADS = ("classifier",)  # never copied: the task's own output layer (its classes are new)
+# Fields that may differ between a pretrained body and the model it starts: how it runs, the head.
+HEAD_FIELDS = ("num_classes", "pooling", "max_segments")
+
+
+def _newest_step(workdir: str) -> int:
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    if not steps:
+        raise FileNotFoundError(
+            f"init_from={workdir!r} holds no checkpoints; point it at the workdir of a finished train.py run."
+        )
+    return steps[-1]
+
+
+def adopt_tokenizer(init_from: str, workdir: str):
+    """The pretrained workdir's spm.model, copied into `workdir` (eval.py and generate.py read it there)."""
+    from flaxformer_lite.tokenizer import load_sentencepiece
+
+    theirs, ours = os.path.join(init_from, "spm.model"), os.path.join(workdir, "spm.model")
+    if not os.path.isfile(theirs):
+        if os.path.isfile(ours):  # the pretrained run is gone: the copy made when fine-tuning began
+            return load_sentencepiece(ours)
+        raise FileNotFoundError(
+            f"init_from={init_from!r} has no spm.model; is it the workdir of a train.py run?"
+        )
+    if os.path.isfile(ours) and not filecmp.cmp(theirs, ours, shallow=False):
+        raise ValueError(
+            f"bad config: {ours!r} is another vocabulary than the pretrained {theirs!r}; start a new "
+            "--workdir "
+            "(fine-tuning copies the pretrained tokenizer)."
+        )
+    if not os.path.isfile(ours):
+        os.makedirs(workdir, exist_ok=True)
+        for suffix in ("", ".options.json"):
+            if os.path.isfile(theirs + suffix):
+                shutil.copyfile(theirs + suffix, ours + suffix)
+    return load_sentencepiece(ours)
+
+
+def check_architecture(init_from: str, model_cfg, family: str) -> None:
+    """One-line error naming the ModelConfig fields where the pretrained body differs from ours."""
+    from flaxformer_lite import checkpoint
+    from flaxformer_lite.run_config import NOT_ARCHITECTURE, model_config
+
+    step = _newest_step(init_from)
+    ckpt = checkpoint.Checkpointer(os.path.join(init_from, "checkpoints"), save_every=1, async_save=False)
+    try:
+        saved = ckpt.saved_config(step)
+    finally:
+        ckpt.close()
+    if not saved or "model" not in saved:
+        return
+    theirs = model_config(ml_collections.ConfigDict(saved), model_cfg.vocab_size)
+    unused = {
+        "EncoderOnly": ("num_decoder_layers",),
+        "DecoderOnly": ("num_encoder_layers", "type_vocab_size"),
+    }
+    skip = set(NOT_ARCHITECTURE) | set(HEAD_FIELDS) | set(unused.get(family, ()))
+    differ = [
+        f"{f.name}={getattr(theirs, f.name)!r} there but {getattr(model_cfg, f.name)!r} here"
+        for f in dataclasses.fields(model_cfg)
+        if f.name not in skip and getattr(theirs, f.name) != getattr(model_cfg, f.name)
+    ]
+    if differ:
+        raise ValueError(
+            f"bad config: init_from={init_from!r} holds another model: {'; '.join(differ)}. Use its model "
+            "settings (--config.model.preset / --config.model.overrides.*)."
+        )
+
+
+def read_params(init_from: str) -> tuple[int, dict]:
+    """(step, params as numpy) of the newest checkpoint there: the moving average where it kept one."""
+    import orbax.checkpoint as ocp
+
+    step = _newest_step(init_from)
+    folder = os.path.join(os.path.abspath(init_from), "checkpoints", str(step))
+    path = os.path.join(folder, "ema" if os.path.isdir(os.path.join(folder, "ema")) else "params")
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    return step, jax.tree.map(np.asarray, ckptr.restore(path, target))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
+    return {prefix[:-1]: tree}
+
+
+def merge(loaded: dict, fresh, source: str):
+    """`fresh` (a new model's params) with every parameter `loaded` has copied in, except NEW_HEADS.
+
+    Returns (params, names of the new parameters). A parameter of another shape is a one-line
+    error; one the pretrained model lacks (a new head, token types) stays freshly initialised.
+    """
+    have, new = _flat(loaded), []
+
+    def pick(path, value):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.split("/")[0] in NEW_HEADS or name not in have:
+            new.append(name)
+            return np.asarray(value)
+        if tuple(have[name].shape) != tuple(value.shape):
+            raise ValueError(
+                f"bad config: parameter {name!r} has shape {tuple(have[name].shape)} in {source} but "
+                f"{tuple(value.shape)} here; use the pretrained model's sizes and vocabulary."
+            )
+        return have[name].astype(value.dtype)
+
+    params = jax.tree_util.tree_map_with_path(pick, jax.device_get(fresh))
+    unused = sorted(set(have) - {"/".join(map(str, k)) for k in _paths(params)})
+    logging.info("initialised from %s; new parameters: %s; not used: %s", source, new, unused)
+    return params, new
+
+
+def _paths(tree):
+    return [
+        tuple(getattr(k, "key", k) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+    ]
