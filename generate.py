@@ -113,6 +113,9 @@ def _translator(exp, models, params, tokenize, shown, options):
         ensemble_mode=shown.ensemble_mode,
     )  # fmt: skip
     params = params if len(params) > 1 else params[0]
+    layers = models[0].config.num_decoder_layers
+    if shown.alignment and not -layers <= shown.attention_layer < layers:
+        raise ValueError(f"--attention_layer={shown.attention_layer}: the model has {layers} decoder layers")
 
     def one(i, text):
         source, prefix = text.split("\t", 1) if shown.prefix and "\t" in text else (text, "")
@@ -122,7 +125,7 @@ def _translator(exp, models, params, tokenize, shown, options):
         forced = None
         if shown.prefix:
             forced = np.zeros((1, config.max_decode_length), np.int32)
-            pieces = sp.encode(prefix)[: config.max_decode_length - 1]
+            pieces = getattr(sp, "encode_targets", sp.encode)(prefix)[: config.max_decode_length - 1]
             forced[0, : len(pieces)] = pieces
         out = jax.device_get(decode(params, row) if forced is None else decode(params, row, forced))
         records = outputs.nbest_records(

@@ -108,6 +108,8 @@ class NextSentencePairs:
     """
 
     def __init__(self, source, seed: int = 0, feature: str = "text"):
+        if len(source) < 3:
+            raise ValueError(f"next-sentence pairs need at least 3 texts in the split; it has {len(source)}.")
         self.source, self.seed, self.feature = source, seed, feature
 
     def __len__(self) -> int:

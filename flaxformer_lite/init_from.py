@@ -133,6 +133,13 @@ def merge(loaded: dict, fresh, source: str):
 
     params = jax.tree_util.tree_map_with_path(pick, jax.device_get(fresh))
     unused = sorted(set(have) - {"/".join(map(str, k)) for k in _paths(params)})
+    body_new = [n for n in new if n.split("/")[0] not in NEW_HEADS]
+    if body_new and unused:  # e.g. layers stacked by scan_layers on one side only: nothing would load
+        raise ValueError(
+            f"bad config: the parameters of {source} do not line up with this model's ({len(body_new)} new, "
+            f"e.g. {body_new[0]!r}; {len(unused)} unused, e.g. {unused[0]!r}); use the pretrained run's "
+            "layout (the same scan_layers)."
+        )
     logging.info("initialised from %s; new parameters: %s; not used: %s", source, new, unused)
     return params, new
 

@@ -143,5 +143,9 @@ def loss_sums(params, batch, rng, *, model, task, label_smoothing=0.0, sampling_
     token_loss, nll, correct, denom = ops.token_losses(logits, targets, weights, label_smoothing)
     sources = jnp.maximum(sources, 1.0)
     loss = o["mix"] * token_loss + risk * jax.lax.stop_gradient(denom / sources)
-    extras = {"mrt_reward": jnp.mean(rewards), "mrt_risk": risk / sources}
+    kept = (_distinct(cands) & jnp.any(cands != PAD_ID, -1)) & jnp.any(batch["targets_segment_ids"] > 0, -1)[
+        :, None
+    ]
+    reward = jnp.sum(jnp.where(kept, rewards, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
+    extras = {"mrt_reward": reward, "mrt_risk": risk / sources}  # over real, distinct candidates
     return loss, (denom, nll, correct, extras)

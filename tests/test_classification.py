@@ -356,3 +356,21 @@ def test_init_from_another_model_or_vocabulary_is_a_one_line_error(tmp_path):
     lm_params = _checkpoint_params(lm, 2)
     np.testing.assert_array_equal(loaded["token_embed"]["embedding"], lm_params["token_embed/embedding"])
     assert isinstance(exp.model, DecoderOnly)
+
+
+def test_init_from_a_run_whose_layers_are_laid_out_otherwise_is_an_error():
+    """Unrolled layers (layer_0, ...) cannot fill a scanned stack (layers): loading nothing is refused."""
+    from flaxformer_lite import init_from
+
+    loaded = {"decoder": {"layer_0": {"w": np.ones((2, 2))}}, "token_embed": {"embedding": np.ones((5, 2))}}
+    fresh = {
+        "decoder": {"layers": {"w": np.zeros((1, 2, 2))}},
+        "token_embed": {"embedding": np.zeros((5, 2))},
+    }
+    fresh["classifier"] = {"kernel": np.zeros((2, 2))}
+    with pytest.raises(ValueError, match="do not line up .*the same scan_layers"):
+        init_from.merge(loaded, fresh, "runs/pretrained")
+    params, new = init_from.merge(
+        {k: v for k, v in loaded.items() if k != "decoder"}, {**fresh, "decoder": {}}, "x"
+    )
+    assert new == ["classifier/kernel"] and np.all(params["token_embed"]["embedding"] == 1)

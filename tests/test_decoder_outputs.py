@@ -289,3 +289,25 @@ def test_eval_of_an_ensemble_of_a_model_with_itself_scores_as_the_model(referenc
         summaries[1]["bleu"] == pytest.approx(summaries[0]["bleu"])
         and summaries[1]["chrf"] == summaries[0]["chrf"]
     )
+
+
+def test_a_short_forced_prefix_frees_the_steps_after_it_and_junk_beams_are_not_valid():
+    step_fn = _table_step_fn(_garden_path_table())
+    forced = jnp.array([[A]], jnp.int32)  # one position, for a 6-step loop
+    greedy = decoding.sample_outputs(step_fn, None, jnp.zeros((1,), jnp.int32), 6, forced=forced)
+    assert greedy["tokens"][0].tolist()[:3] == [A, C, EOS_ID]  # free after A: C, then EOS (ties C)
+    beam = decoding.beam_search_outputs(step_fn, None, 1, 3, 6, alpha=0.6, forced=forced)
+    assert beam["tokens"][0, 0].tolist()[:3] == [A, C, EOS_ID]
+    # Every valid slot is a real hypothesis (finite log P under the table).
+    table = _garden_path_table()
+    for k in range(3):
+        if beam["valid"][0, k]:
+            hyp = _hyp(beam["tokens"][0, k])
+            prev, logp = 0, 0.0
+            for t in hyp:
+                logp += np.log(table[prev, t])
+                prev = t
+            assert np.isfinite(logp)
+    full = jnp.full((1, 6), C, jnp.int32)  # forced through the limit: no real hypothesis ends
+    out = decoding.beam_search_outputs(step_fn, None, 1, 3, 6, alpha=0.6, forced=full.at[0, 0].set(A))
+    assert not bool(np.asarray(out["valid"])[0, 1:].any())

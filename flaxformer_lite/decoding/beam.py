@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flaxformer_lite.decoding.sampling import NEG_INF, _while_in_stages, call_step, force
+from flaxformer_lite.decoding.sampling import NEG_INF, _while_in_stages, call_step, force, pad_forced
 from flaxformer_lite.ids import EOS_ID, PAD_ID
 from flaxformer_lite.layers import cache_path_names
 
@@ -88,6 +88,7 @@ def beam_search_outputs(
         raise ValueError(f"length penalty {penalty!r} is not one of {LENGTH_PENALTIES}.")
     hf = penalty == "hf"
     limit = jnp.full((batch,), max_len) if max_lengths is None else jnp.minimum(max_lengths, max_len)
+    forced = pad_forced(forced, max_len)
     init = _initial_state(step_fn, cache, batch, beams, max_len, start_id)
     lp = lambda length: length_penalty(length, alpha, penalty)  # noqa: E731
 
@@ -142,7 +143,8 @@ def beam_search_outputs(
     out = {k: jnp.where(fin_any.reshape(fin_any.shape + (1,) * (v.ndim - 2)), v, s["live"][k])
            for k, v in s["fin"].items()}  # fmt: skip
     out["scores"] = jnp.where(fin_any, s["fin_score"], live_score)
-    out["valid"] = out["scores"] > NEG_INF / 2
+    # Judged before the length penalty: a junk beam's NEG_INF / penalty would pass for a score.
+    out["valid"] = jnp.where(fin_any, s["fin_score"], s["live_logp"]) > NEG_INF / 2
     out["token_logp"] = jnp.where(out["tokens"] == PAD_ID, 0.0, out["token_logp"])
     return out
 

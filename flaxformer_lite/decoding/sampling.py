@@ -66,6 +66,15 @@ def force(logp, forced):
     return jnp.where(keep, logp, NEG_INF)
 
 
+def pad_forced(forced, max_len: int):
+    """[B, P] forced ids (0 = free) padded with 0 to [B, max_len] (a prefix shorter than the loop)."""
+    if forced is None:
+        return None
+    if forced.shape[1] > max_len:
+        raise ValueError(f"a forced prefix of {forced.shape[1]} positions is longer than max_len={max_len}.")
+    return jnp.pad(forced, ((0, 0), (0, max_len - forced.shape[1])))
+
+
 def sample(step_fn, cache, first_tokens: jax.Array, max_len: int, **kwargs) -> jax.Array:
     """[B] first input tokens -> [B, max_len] generated ids (EOS included, then PAD).
 
@@ -96,6 +105,7 @@ def sample_outputs(
     """
     B = first_tokens.shape[0]
     rng = jax.random.key(0) if rng is None else rng
+    forced = pad_forced(forced, max_len)
 
     def choose(logits, key):
         if temperature == 0.0:

@@ -159,8 +159,11 @@ def translate_outputs(
     verbatim and scored; `max_lengths` [B] caps each output (beam search only).
     """
 
-    def make(model, p):
-        return translation_step_fn(model, p, inputs, max_len, beams, attention)
+    members = []
+
+    def make(model, p):  # attention is reported from the first member: only it computes it
+        members.append(model)
+        return translation_step_fn(model, p, inputs, max_len, beams, attention if len(members) == 1 else None)
 
     step_fn, cache = _ensemble(make, models, params, ensemble_mode)
     B = inputs.shape[0]
