@@ -166,7 +166,8 @@ def _resume(exp, ckpt, state, shardings, train_iter):
         imported = exp.imported_params(shardings.params, state.params)
         ema = None if state.ema_params is None else jax.tree.map(jnp.copy, imported)
         state = state.replace(params=imported, ema_params=ema)
-        logging.info("initialised from the pretrained weights in %s", source)
+        what = "the transformers checkpoint" if exp.config.init_from_hf else "the pretrained run"
+        logging.info("initialised from %s %s", what, source)
     return exp, 0, state
 
 
