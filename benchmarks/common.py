@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import glob
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -64,3 +67,21 @@ def synthetic_batch(task, batch: int, length: int, vocab: int, seed: int = 0) ->
         out[f"{name}_segment_ids"] = np.ones((batch, length), np.int32)
         out[f"{name}_positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
     return out
+
+
+def xla_op_profile(run, folder: str, steps: int) -> collections.Counter:
+    """Milliseconds per call of `run` (which must block) by compiled XLA op (`hlo_op` of XLA CPU's
+    thunk events), from a jax.profiler trace of `steps` calls written under `folder`."""
+    before = set(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))
+    with jax.profiler.trace(folder):
+        for _ in range(steps):
+            run()
+    (path,) = set(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)) - before
+    per_op = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            for event in line.events:
+                op = dict(event.stats).get("hlo_op")
+                if op:
+                    per_op[op] += event.duration_ns / 1e6 / steps
+    return per_op

@@ -34,7 +34,6 @@ import ast
 import collections
 import contextlib
 import functools
-import glob
 import importlib
 import importlib.util
 import itertools
@@ -50,7 +49,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from benchmarks.common import load_config, report, synthetic_batch
+from benchmarks.common import load_config, report, synthetic_batch, xla_op_profile
 from flaxformer_lite import experiment, sharding
 
 flags.DEFINE_string(
@@ -250,23 +249,6 @@ def nanogpt_step():
 
 
 # ------------------------------------------------------------------------------ profiles
-
-
-def xla_op_profile(run, folder: str, steps: int) -> collections.Counter:
-    """Thread ms per step by compiled op (`hlo_op` of XLA CPU's thunk events) from a jax.profiler trace."""
-    before = set(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))
-    with jax.profiler.trace(folder):
-        for _ in range(steps):
-            run()
-    (path,) = set(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)) - before
-    per_op = collections.Counter()
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-        for line in plane.lines:
-            for event in line.events:
-                op = dict(event.stats).get("hlo_op")
-                if op:
-                    per_op[op] += event.duration_ns / 1e6 / steps
-    return per_op
 
 
 def torch_op_profile(run, folder: str, steps: int) -> collections.Counter:

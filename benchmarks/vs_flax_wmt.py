@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import glob
 import importlib.util
 import os
 import re
@@ -31,7 +30,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from benchmarks.common import load_config, report, synthetic_batch
+from benchmarks.common import load_config, report, synthetic_batch, xla_op_profile
 from flaxformer_lite import decoding, experiment, sharding
 
 SHAPES = {  # d_model, heads, d_ff, layers (each stack), vocab, batch, length
@@ -196,19 +195,7 @@ def our_fns(d, heads, ff, layers, vocab, batch, length):
 def op_profile(train, folder: str, steps: int) -> dict:
     """Milliseconds per train step by XLA op (`hlo_op` of the CPU thunk events) from a jax.profiler trace."""
     jax.block_until_ready(train())  # compiled and warm
-    before = set(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))
-    with jax.profiler.trace(folder):
-        for _ in range(steps):
-            jax.block_until_ready(train())
-    (path,) = set(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)) - before
-    per_op = collections.Counter()
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-        for line in plane.lines:
-            for event in line.events:
-                op = dict(event.stats).get("hlo_op")
-                if op:
-                    per_op[op] += event.duration_ns / 1e6 / steps
-    return per_op
+    return xla_op_profile(lambda: jax.block_until_ready(train()), folder, steps)
 
 
 def op_kind(op: str) -> str:
