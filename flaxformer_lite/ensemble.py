@@ -11,8 +11,7 @@ import os
 
 import ml_collections
 
-from flaxformer_lite import checkpoint as ckpt_lib
-from flaxformer_lite import experiment
+from flaxformer_lite import experiment, init_from
 
 
 class VocabularyMismatch(ValueError):
@@ -22,16 +21,8 @@ class VocabularyMismatch(ValueError):
 def member_config(config, workdir: str):
     """`config` with the model (preset and overrides) saved with `workdir`'s newest checkpoint."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
-    if not steps:
-        raise FileNotFoundError(
-            f"no checkpoints in {ckpt_dir!r}: an ensemble member must be a trained workdir."
-        )
-    ckpt = ckpt_lib.Checkpointer(ckpt_dir, save_every=1)
-    try:
-        saved = ckpt.saved_config(steps[-1])
-    finally:
-        ckpt.close()
+    missing = f"no checkpoints in {ckpt_dir!r}: an ensemble member must be a trained workdir."
+    saved = init_from.saved_config(workdir, missing)
     config = config.copy_and_resolve_references()
     if saved and "model" in saved:
         config.model = ml_collections.ConfigDict(saved["model"])

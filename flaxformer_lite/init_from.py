@@ -24,14 +24,29 @@ NEW_HEADS = ("classifier",)  # never copied: the task's own output layer (its cl
 HEAD_FIELDS = ("num_classes", "pooling", "max_segments")
 
 
-def _newest_step(workdir: str) -> int:
+def _newest_step(workdir: str, missing: str = "") -> int:
+    """The newest checkpoint step of `workdir`; none is FileNotFoundError(`missing`, or init_from's)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
     if not steps:
-        raise FileNotFoundError(
+        default = (
             f"init_from={workdir!r} holds no checkpoints; point it at the workdir of a finished train.py run."
         )
+        raise FileNotFoundError(missing or default)
     return steps[-1]
+
+
+def saved_config(workdir: str, missing: str = "") -> dict | None:
+    """The config saved with `workdir`'s newest checkpoint (None if it has none), for runs that
+    start from or decode with another run of ours."""
+    from flaxformer_lite import checkpoint
+
+    step = _newest_step(workdir, missing)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False)
+    try:
+        return ckpt.saved_config(step)
+    finally:
+        ckpt.close()
 
 
 def adopt_tokenizer(init_from: str, workdir: str):
@@ -61,15 +76,9 @@ def adopt_tokenizer(init_from: str, workdir: str):
 
 def check_architecture(init_from: str, model_cfg, family: str) -> None:
     """One-line error naming the ModelConfig fields where the pretrained body differs from ours."""
-    from flaxformer_lite import checkpoint
     from flaxformer_lite.run_config import NOT_ARCHITECTURE, model_config
 
-    step = _newest_step(init_from)
-    ckpt = checkpoint.Checkpointer(os.path.join(init_from, "checkpoints"), save_every=1, async_save=False)
-    try:
-        saved = ckpt.saved_config(step)
-    finally:
-        ckpt.close()
+    saved = saved_config(init_from)
     if not saved or "model" not in saved:
         return
     theirs = model_config(ml_collections.ConfigDict(saved), model_cfg.vocab_size)

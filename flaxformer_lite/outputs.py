@@ -12,8 +12,7 @@ import os
 
 import numpy as np
 
-from flaxformer_lite.decoding import ENSEMBLE_MODES, Attention
-from flaxformer_lite.ids import EOS_ID, PAD_ID
+from flaxformer_lite.decoding import ENSEMBLE_MODES, Attention, strip_after_eos
 
 CELL = 0.35  # inches per source/target piece in an attention map
 MARGIN_W, MARGIN_H = 0.9, 1.9  # inches around each panel: piece labels, title
@@ -118,19 +117,12 @@ def format_records(i: int, text: str, records: list[dict], shown: Shown) -> str:
 
 def plot_sentence(path: str, out: dict, sp, source_ids: list[int], layer_names: list[str]) -> None:
     """`plot_attention` of the best hypothesis of the first source in a decoded batch `out`."""
-    hyp = hypothesis_ids(out["tokens"][0, 0])
+    hyp = strip_after_eos(out["tokens"][0, :1])[0]
     steps = min(len(hyp) + 1, out["tokens"].shape[2])
     weights = np.asarray(out["attention"][0, 0, :steps, :, : len(source_ids)])
     pieces = [sp.id_to_piece(int(t)) for t in source_ids]
     target = [sp.id_to_piece(int(t)) for t in hyp] + ["</s>"]
     plot_attention(path, weights, pieces, target[:steps], layer_names=layer_names)
-
-
-def hypothesis_ids(tokens) -> list[int]:
-    """A hypothesis's ids before EOS (without padding)."""
-    row = [int(t) for t in tokens]
-    row = row[: row.index(EOS_ID)] if EOS_ID in row else row
-    return [t for t in row if t != PAD_ID]
 
 
 def pharaoh(weights: np.ndarray, *, source_len: int, target_len: int) -> str:
@@ -152,7 +144,7 @@ def nbest_records(out: dict, row: int, nbest: int, decode, alignment_layer: int 
     for k in range(min(nbest, out["tokens"].shape[1])):
         if not out["valid"][row, k]:
             continue
-        ids = hypothesis_ids(out["tokens"][row, k])
+        ids = strip_after_eos(out["tokens"][row, k : k + 1])[0]
         steps = min(len(ids) + 1, out["tokens"].shape[2])  # the pieces and EOS
         rec = {
             "text": decode(ids),

@@ -161,10 +161,13 @@ def format_score(logp: float | None, tokens: int, error: str, output_format: str
     return "\t\t" if error else f"{logp:.5f}\t{tokens}\t{math.exp(-logp / tokens):.4f}"
 
 
-def run(config, workdir: str, lines, out, err, *, output_format="tsv", batch_size=0, checkpoint="last",
-        weights="auto") -> dict:  # fmt: skip
-    """Score `lines` (str or bytes; pairs as source<TAB>target for translation) into `out`."""
+def run(config, workdir: str, lines, out, err, *, split="", output_format="tsv", batch_size=0,
+        checkpoint="last", weights="auto") -> dict:  # fmt: skip
+    """Score `lines` (str or bytes; pairs as source<TAB>target for translation), or with `split`
+    that split's (source, first reference) pairs, into `out`."""
     exp = experiment.build(config, workdir, tokenizer="load")
+    if split:
+        lines = _split_lines(exp, split)
     if not (exp.task.translates or exp.task.generates):
         raise ValueError(f"scoring needs a translation or language model; task {exp.task.name!r} is neither.")
     _, params = exp.restore_params(checkpoint=checkpoint, weights=weights)
@@ -209,11 +212,10 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _split_lines(config, workdir: str, split: str):
+def _split_lines(exp, split: str):
     """A split's examples as score input lines (source<TAB>first reference, or the text)."""
     from flaxformer_lite.evaluation import references
 
-    exp = experiment.build(config, workdir, tokenizer="load")
     source = exp.data.open(split)
     for i in range(len(source)):
         fields = [
@@ -228,10 +230,10 @@ def main(argv):
     f = flags.FLAGS
     cli.quiet_console()
     try:
-        lines = _split_lines(f.config, f.workdir, f.split) if f.split else sys.stdin.buffer
         run(
-            f.config, f.workdir, lines, sys.stdout, sys.stderr, output_format=f.output_format,
-            batch_size=f.batch_size, checkpoint=f.checkpoint, weights=f.weights,
+            f.config, f.workdir, None if f.split else sys.stdin.buffer, sys.stdout, sys.stderr,
+            split=f.split, output_format=f.output_format, batch_size=f.batch_size, checkpoint=f.checkpoint,
+            weights=f.weights,
         )  # fmt: skip
     except cli.USER_ERRORS as e:
         cli.exit_with_error(e)
