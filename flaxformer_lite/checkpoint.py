@@ -155,7 +155,7 @@ class Checkpointer:
             arrays["ema"] = state.ema_params
         items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
         sums = {name: checksums.tree_checksums(tree) for name, tree in arrays.items()}
-        items["checksums"] = ocp.args.JsonSave(sums)
+        items["checksums"] = ocp.args.JsonSave({"version": checksums.VERSION, **sums})
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -173,7 +173,9 @@ class Checkpointer:
         items = {
             "params": ocp.args.StandardSave(params),
             "config": ocp.args.JsonSave(config),
-            "checksums": ocp.args.JsonSave({"params": checksums.tree_checksums(params)}),
+            "checksums": ocp.args.JsonSave(
+                {"version": checksums.VERSION, "params": checksums.tree_checksums(params)}
+            ),
         }
         with self._write_errors(step):
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -314,10 +316,10 @@ class Checkpointer:
         if not os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
             return  # written before checksums were saved
         saved = self.manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
+        saved = saved["checksums"]
+        version = saved.get("version", 1)  # 1: saved before the version was stored (checksums.py)
         for name, tree in restored.items():
-            wrong = checksums.first_difference(
-                saved["checksums"].get(name, {}), checksums.tree_checksums(tree)
-            )
+            wrong = checksums.first_difference(saved.get(name, {}), checksums.tree_checksums(tree, version))
             if wrong is not None:
                 raise ValueError(
                     f"the checksum of {name}{wrong} differs from the one saved with it: its files are damaged"

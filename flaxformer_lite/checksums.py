@@ -2,58 +2,109 @@
 
 orbax/tensorstore write the bytes they are given and read back whatever the files hold: bytes
 changed in place (a bad disk, a stray write) come back as other numbers (NaN weights, Adam moments
-of 1e38) without an error. `tree_checksums` is one jitted pass over each array: the sum, modulo
-2**32, of its bit patterns times a position weight. Integer sums do not depend on the order of
-the reduction, so the value is the same for any sharding, device count or process count; any
-changed word changes it (a swapped pair of values too, through the weights).
+of 1e38) without an error. `tree_checksums` is one jitted pass over each array, over its values'
+bit patterns as 32-bit words w_i (8- and 16-bit values zero-extended, 64-bit values as two words,
+i the C-order flat index), giving two 32-bit sums modulo 2**32 stored as one 64-bit number:
+
+    a = sum_i w_i * (2 i + 1)             b = sum_i fmix32(w_i + i * 2654435761)
+
+What is guaranteed: **any change confined to one word (any of its bits, e.g. a flipped sign, a NaN
+written over one value) changes both sums**, because each term is a bijection of its word modulo
+2**32: multiplication by an odd number is invertible modulo 2**32, and so are adding a constant
+and MurmurHash3's `fmix32` finaliser (xor-shifts and odd multiplications). Several changed words
+pass only if both sums happen to cancel: `a` is linear, `b` is not (a swapped pair of values or a
+block of them moved changes it unless fmix32's outputs collide), so a random change passes with
+probability about 2**-64. Integer sums do not depend on the order of the reduction, so the value is
+the same for any sharding, device count or process count.
+
+Version 1 (checkpoints written before issue 38) weighted w_i by `i * 2654435761 + 1`, which is even
+for every odd i: the sign bit of every odd-indexed value never counted. Those checkpoints carry no
+`version` in their checksums item; they are still checked, with the version-1 sum they were saved
+with (`tree_checksums(tree, version=1)`), so they restore as before and are not called damaged; the
+non-finite check on restore (`checkpoint.py`) catches the NaN that sum can miss.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Knuth's multiplicative hash constant: odd, so every weight differs. numpy, not jnp: importing this
-# module must not start JAX's backend (jax.distributed.initialize has to come first).
+VERSION = 2  # stored as the checksums item's "version"; absent means 1
+
+# Knuth's multiplicative hash constant. numpy, not jnp: importing this module must not start JAX's
+# backend (jax.distributed.initialize has to come first).
 _WEIGHT = np.uint32(2654435761)
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
-def _checksum(x: jax.Array) -> jax.Array:
-    """uint32 sum over i of bits(x_i) * (i * _WEIGHT + 1), i the C-order flat index (64-bit values as
-    two 32-bit words). The index comes from iotas, not a reshape: a reshape of an array sharded on a
-    later axis would gather it whole onto every device."""
+def _words(x: jax.Array) -> jax.Array:
+    """The bit patterns of `x` as uint32 words (64-bit values as a trailing axis of two)."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     if x.dtype.itemsize == 8:
-        words = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
-    else:
-        unsigned = _UNSIGNED[x.dtype.itemsize]
-        words = x if x.dtype == unsigned else jax.lax.bitcast_convert_type(x, unsigned)
-        words = words.astype(jnp.uint32)
-    index = jnp.zeros(words.shape, jnp.uint32)
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    unsigned = _UNSIGNED[x.dtype.itemsize]
+    words = x if x.dtype == unsigned else jax.lax.bitcast_convert_type(x, unsigned)
+    return words.astype(jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """uint32 C-order flat index of every element, from iotas, not a reshape: a reshape of an array
+    sharded on a later axis would gather it whole onto every device."""
+    index = jnp.zeros(shape, jnp.uint32)
     stride = 1
-    for axis in reversed(range(words.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(stride % 2**32)
-        stride *= words.shape[axis]
-    return jnp.sum(words * (index * _WEIGHT + np.uint32(1)), dtype=jnp.uint32)
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return index
 
 
-@jax.jit
-def _checksums(leaves: list) -> list:
-    return [_checksum(x) for x in leaves]
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every bit into every bit."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
 
 
-def tree_checksums(tree) -> dict[str, list]:
-    """{path: [checksum, dtype name]} of every array in `tree` (paths as jax.tree_util.keystr)."""
+def _checksum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two uint32 sums (a, b) of the module docstring."""
+    words = _words(x)
+    index = _flat_index(words.shape)
+    a = jnp.sum(words * (index * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
+    b = jnp.sum(_fmix32(words + index * _WEIGHT), dtype=jnp.uint32)
+    return a, b
+
+
+def _checksum_v1(x: jax.Array) -> jax.Array:
+    """Version 1: uint32 sum of w_i * (i * 2654435761 + 1), for checkpoints saved with it."""
+    words = _words(x)
+    return jnp.sum(words * (_flat_index(words.shape) * _WEIGHT + np.uint32(1)), dtype=jnp.uint32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _checksums(leaves: list, version: int) -> list:
+    return [_checksum(x) if version >= 2 else _checksum_v1(x) for x in leaves]
+
+
+def tree_checksums(tree, version: int = VERSION) -> dict[str, list]:
+    """{path: [checksum, dtype name]} of every array in `tree` (paths as jax.tree_util.keystr); the
+    checksum is a*2**32 + b (version 2) or the version-1 sum."""
+    if version not in (1, 2):
+        raise ValueError(f"unknown checksum version {version}")
     pairs = jax.tree_util.tree_leaves_with_path(tree)
     if not pairs:
         return {}
     paths, leaves = zip(*pairs, strict=True)
-    values = jax.device_get(_checksums(list(leaves)))
+    values = jax.device_get(_checksums(list(leaves), version))
+    if version >= 2:
+        values = [(int(a) << 32) | int(b) for a, b in values]
     return {
         jax.tree_util.keystr(p): [int(v), str(x.dtype)] for p, v, x in zip(paths, values, leaves, strict=True)
     }
