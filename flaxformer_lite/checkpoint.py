@@ -4,7 +4,9 @@ Each step directory holds the items `params` (what inference needs, restored alo
 and generate.py), `opt` (step counter and optimizer state), `data` (grain iterator, one file per
 process) and `config`. A step directory is written under a temporary name and renamed when
 complete (orbax), so a crash mid-save leaves the previous checkpoints intact. On restore the
-newest step that reads cleanly wins. Training moves an unreadable one aside (`<step>.corrupt-<time>`,
+newest step that reads cleanly wins: its arrays match the checksums saved with them (checksums.py)
+and its floating-point arrays are finite (a NaN step would fail at the next step or evaluate to
+NaN). Training moves an unreadable one aside (`<step>.corrupt-<time>`,
 kept, never read again) and names it in the log; readers (`restore_params`: eval.py, generate.py)
 name it and read the previous one, moving nothing (their workdir may be read-only, or in use by a
 training run). A checkpoint whose shapes differ from the model is not "corrupt" but a config
@@ -95,6 +97,33 @@ class _BestScores:
         scored = [(i, (c.metrics or {}).get(self.metric)) for i, c in enumerate(checkpoints)]
         keep = set(best_steps([(i, v) for i, v in scored if v is not None and v == v], self.mode, self.n))
         return [i in keep for i in range(len(checkpoints))]
+
+
+@jax.jit
+def _finite_flags(tree) -> list:
+    return [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+
+
+def _check_finite(items: dict) -> None:
+    """Raise if a floating-point array of the restored `items` ({name: tree}) holds a NaN or inf.
+
+    A step whose checksums match its files can still hold NaN (saved so, or damaged before the
+    checksums caught every change): restoring it would fail at the next step or evaluate to NaN, so
+    it is treated as damaged. One jitted pass, one flag per array."""
+    pairs = [
+        (f"{name}{jax.tree_util.keystr(p)}", x)
+        for name, tree in items.items()
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not pairs:
+        return
+    flags = jax.device_get(_finite_flags([x for _, x in pairs]))
+    bad = [path for (path, _), ok in zip(pairs, flags, strict=True) if not ok]
+    if bad:
+        raise ValueError(
+            f"{bad[0]} holds NaN or inf values" + (f" ({len(bad)} arrays do)" if len(bad) > 1 else "")
+        )
 
 
 class Checkpointer:
@@ -263,8 +292,11 @@ class Checkpointer:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             out = self.manager.restore(s, args=ocp.args.Composite(**items))
             if "state" in out and out["state"] is not None:
+                _check_finite({"params": out["state"].params, "opt": out["state"].opt_state})
                 return out["state"]
-            self._verify(s, {name: out[name] for name in ("params", "opt", "ema") if name in items})
+            arrays = {name: out[name] for name in ("params", "opt", "ema") if name in items}
+            self._verify(s, arrays)
+            _check_finite(arrays)
             ema = None  # a run that starts keeping an average starts it from the params (a copy: donated)
             if abstract_state.ema_params is not None:
                 ema = out["ema"] if "ema" in items else jax.tree.map(jnp.copy, out["params"])
@@ -307,6 +339,7 @@ class Checkpointer:
                 s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)})
             )[item]
             self._verify(s, {item: params})
+            _check_finite({item: params})
             return params
 
         return self._newest_readable(read, step, move_aside=False)

@@ -84,3 +84,33 @@ def test_another_architecture_is_a_mismatch_not_corruption(setup, tmp_path):
         ckpt.restore_params(wider)
     assert os.path.isdir(tmp_path / "2")  # not moved aside: it is readable, just not this model's
     ckpt.close()
+
+
+def _with_nan(tree):
+    """`tree` with its first floating-point value set to NaN."""
+    leaves, treedef = jax.tree.flatten(tree)
+    i = next(i for i, x in enumerate(leaves) if np.issubdtype(np.asarray(x).dtype, np.floating))
+    leaves[i] = leaves[i].at[(0,) * leaves[i].ndim].set(np.nan)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def test_a_step_saved_with_nan_is_damaged_for_training_and_for_readers(setup, tmp_path):
+    """Checksums that match do not make a NaN step healthy: training moves it aside and resumes from
+    the previous step; readers skip a step with NaN params (not one with NaN optimizer state, which
+    they do not read) and move nothing."""
+    state, abstract, abstract_params = setup
+    ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, async_save=False)
+    ckpt.save(1, state)
+    ckpt.save(2, state.replace(opt_state=_with_nan(state.opt_state)))  # saved with their checksums
+    ckpt.save(3, state.replace(params=_with_nan(state.params)))
+    ckpt.close()
+    ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1)
+    step, params = ckpt.restore_params(abstract_params)  # readers need the params alone
+    assert step == 2 and sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+    _assert_tree_equal(params, state.params)
+    step, restored = ckpt.restore(abstract)
+    assert step == 1
+    _assert_tree_equal(restored, state)
+    moved = sorted(d.split(".")[0] for d in os.listdir(tmp_path) if ".corrupt-" in d)
+    assert moved == ["2", "3"] and ckpt.steps() == [1]
+    ckpt.close()

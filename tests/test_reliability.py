@@ -4,6 +4,7 @@ Every case runs the real scripts as processes on the committed fixture (the tiny
 tests/runs.py, whose uninterrupted run is `reference`) and checks that nothing is lost.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -11,8 +12,11 @@ import subprocess
 import sys
 import time
 
+import jax
+import orbax.checkpoint as ocp
 import pytest
 
+from flaxformer_lite import checksums
 from tests import runs
 from tests.runs import STEPS, TIMEOUT
 from tests.test_faults import _assert_same_run
@@ -84,6 +88,38 @@ def test_a_corrupt_final_checkpoint_is_moved_aside_and_the_rerun_finishes(prepar
     assert str(STEPS) in ckpts and [d for d in ckpts if d.startswith(f"{STEPS}.corrupt-")]
     _assert_same_run(workdir, reference, exact=True, why="after a corrupt final checkpoint")
     runs.run(workdir, prepared)  # and again: nothing left to redo, no error
+
+
+def _save_nan_params(workdir, step):
+    """One value of a step's params set to NaN and saved with matching checksums (a step that was
+    saved so, or damaged in a way the checksums cannot see)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "params")
+    ckptr = ocp.StandardCheckpointer()
+    params = ckptr.restore(path)
+    first = jax.tree_util.tree_leaves_with_path(params)[0][0]
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x.at[(0,) * x.ndim].set(float("nan")) if p == first else x, params
+    )
+    shutil.rmtree(path)
+    ckptr.save(path, params)
+    ckptr.wait_until_finished()
+    sums_file = os.path.join(workdir, "checkpoints", str(step), "checksums", "metadata")
+    sums = json.load(open(sums_file))
+    sums["params"] = checksums.tree_checksums(params, sums.get("version", 1))
+    json.dump(sums, open(sums_file, "w"))
+
+
+def test_a_final_checkpoint_with_nan_params_is_moved_aside_and_the_rerun_finishes(
+    prepared, reference, tmp_path
+):
+    """Before issue 38 the run resumed from the NaN step (and every rerun failed at its next step)."""
+    workdir = str(tmp_path / "nan_final")
+    shutil.copytree(reference, workdir)
+    _save_nan_params(workdir, STEPS)
+    err = runs.run(workdir, prepared)
+    assert "holds NaN or inf values" in err and f"moved it to {STEPS}.corrupt-" in err, err[-3000:]
+    assert f"resumed from the checkpoint at step {STEPS - runs.EVERY}" in err
+    _assert_same_run(workdir, reference, exact=True, why="after a NaN final checkpoint")
 
 
 def test_divergence_keeps_the_newest_healthy_checkpoint_and_the_rerun_resumes_there(
