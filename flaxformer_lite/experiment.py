@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+import sentencepiece as spm
 from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh
@@ -29,6 +30,7 @@ from flaxformer_lite import (
     runtime,
     sharding,
     tasks,
+    token_cache,
     training,
     validation,
 )
@@ -61,6 +63,13 @@ class Data:
         kwargs = {"manual_dir": config.manual_dir} if config.manual_dir else {}
         if config.db_path and config.dataset_name.startswith("bible_"):
             kwargs["db_path"] = config.db_path
+        if config.corpus_fields:  # the columns of a jsonl/parquet/Arrow corpus (datasets/text_files.py)
+            if config.dataset_name not in ("tsv_translate", "text_lm"):
+                raise ValueError(
+                    f"bad config: corpus_fields is read by tsv_translate and text_lm, not by "
+                    f"{config.dataset_name!r}; leave it empty."
+                )
+            kwargs["fields"] = config.corpus_fields
         data_dir = datasets.prepared_dir(config.data_dir or datasets.default_data_dir(workdir), **kwargs)
         keys = {"targets": "text"}
         if task.paired:
@@ -123,17 +132,43 @@ class Experiment:
         return ip.Tokenize(self.tokenizer, keys or self.data.keys, self.config.max_length, stats)
 
     def train_dataset(self, stats: ip.TokenizeStats | None = None):
-        """Endless, shuffled, packed (or padded) per-host batches of the train split."""
-        return self._dataset(self.config.train_split, self.tokenize(stats), train=True)
+        """Endless, shuffled, packed (or padded) per-host batches of the train split: token ids from
+        the workdir's token cache (built on first use) where the task reads text with spm.model."""
+        split = self.config.train_split
+        cache = self.token_cache(split)
+        if cache is None:
+            return self._dataset(split, self.tokenize(stats), train=True)
+        c, from_cache = self.config, ip.FromCache(cache, self.config.max_length, stats)
+        if not c.pack:
+            return self._dataset(split, from_cache, train=True, source=cache)
+        return ip.make_packed_dataset(
+            cache, batch_size=self.host_batch_size, max_length=c.max_length,
+            max_segments=self.model.config.max_segments, seed=c.seed, shard_index=jax.process_index(),
+            shard_count=jax.process_count(), workers=c.data_workers,
+        )  # fmt: skip
+
+    def token_cache(self, split: str) -> token_cache.TokenSource | None:
+        """The split's token ids (`<workdir>/tokens/`), or None where the task tokenizes on the fly
+        (classification, next-sentence pairs, a transformers tokenizer, `token_cache=False`)."""
+        c = self.config
+        model_path = os.path.join(self.workdir or "", "spm.model")
+        plain = isinstance(self.tokenizer, spm.SentencePieceProcessor) and os.path.isfile(model_path)
+        if not (c.token_cache and plain and self.workdir) or self.task.classifies or c.get("next_sentence"):
+            return None
+        source, cache_dir = self.data.open(split), os.path.join(self.workdir, "tokens")
+        return runtime.process_zero_first(
+            lambda: token_cache.open_or_build(source, self.tokenizer, model_path, self.data.keys, cache_dir, split),
+            key=f"tokens_ready_{split}",
+        )
 
     def eval_dataset(self, split: str | None = None):
         """One pass over an eval split in order, unpacked, last batch padded with empty rows."""
         ds = self._dataset(split or self.config.eval_split, self.tokenize(), train=False)
         return ds.map(functools.partial(pad_rows, rows=self.host_batch_size))
 
-    def _dataset(self, split: str, tokenize: ip.Tokenize, *, train: bool):
+    def _dataset(self, split: str, tokenize, *, train: bool, source=None):
         c = self.config
-        source = self.data.open(split)
+        source = source if source is not None else self.data.open(split)
         if c.get("next_sentence"):  # BERT's next-sentence pairs of consecutive texts (MLM)
             source = classification.NextSentencePairs(source, c.seed, self.data.keys["targets"])
         return ip.make_dataset(
@@ -150,6 +185,7 @@ class Experiment:
             shard_count=jax.process_count(),
             drop_remainder=train,
             split=split,
+            workers=c.data_workers if train else 0,
         )
 
     @property
@@ -286,11 +322,10 @@ class Experiment:
         ckpt = self.checkpointer(save_every=1, directory=ckpt_dir)
         try:
             wanted = self._resolve(ckpt, checkpoint)
-            item = _weights_item(ckpt, wanted, weights)
+            item = _weights_item(weights)
             restored = ckpt.restore_params(abstract, step=wanted, item=item)
             if restored is not None:
                 self._check_model_matches(ckpt.saved_config(restored[0]), restored[0])
-                logging.info("read the %s weights of step %d in %s", item, restored[0], ckpt_dir)
         finally:
             ckpt.close()
         if restored is None:
@@ -337,16 +372,12 @@ class Experiment:
             )
 
 
-def _weights_item(ckpt: checkpoint.Checkpointer, step: int | None, weights: str) -> str:
-    """The checkpoint item to read: "ema" or "params" (auto: the average where the step holds one)."""
+def _weights_item(weights: str) -> str:
+    """The checkpoint item to read: "ema", "params", or "auto" (the average where the step read holds
+    one; decided per step, since the step read may not be the newest listed)."""
     if weights not in ("auto", "ema", "raw"):
         raise ValueError(f"--weights={weights!r}; use auto, ema or raw")
-    if weights != "auto":
-        return "params" if weights == "raw" else "ema"
-    steps = ckpt.steps()
-    newest = step if step is not None else (steps[-1] if steps else None)
-    has_ema = newest is not None and os.path.isdir(os.path.join(ckpt.directory, str(newest), "ema"))
-    return "ema" if has_ema else "params"
+    return {"raw": "params"}.get(weights, weights)
 
 
 def build(

@@ -29,10 +29,10 @@ def train_sentencepiece(
     max_sentence_length: int = 4096,
 ) -> spm.SentencePieceProcessor:
     """Train on `texts` (training split only!) and write `model_path` atomically."""
-    model = io.BytesIO()
+    model, counted = io.BytesIO(), _Counted(texts)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
+            sentence_iterator=counted,
             model_writer=model,
             vocab_size=vocab_size,
             character_coverage=character_coverage,
@@ -60,8 +60,26 @@ def train_sentencepiece(
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
     os.replace(tmp, model_path)  # never leave a half-written model behind
-    logging.info("trained SentencePiece model %s (vocab %d)", model_path, vocab_size)
+    logging.info(
+        "trained SentencePiece model %s (vocab %d) on %d distinct sentences (it samples at most %d)",
+        model_path, vocab_size, counted.count, max_sentences,
+    )  # fmt: skip
     return load_sentencepiece(model_path)
+
+
+class _Counted:
+    """An iterator over texts that counts them (for the log)."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.count = iter(texts), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        text = next(self.texts)
+        self.count += 1
+        return text
 
 
 def load_sentencepiece(model_path: str) -> spm.SentencePieceProcessor:

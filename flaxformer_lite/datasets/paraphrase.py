@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flaxformer_lite.datasets.bible import default_db_path, read_versions, split_of_book
+from flaxformer_lite.datasets.bible import SonofmanBuilder, default_db_path, read_versions, split_of_book
 
 ENGLISH = {"k": "KJV 1611", "2": "KJ2000", "3": "BBE 1949", "4": "WEB 2000"}
 SPLITS = ("train", "validation", "test")
@@ -80,7 +80,7 @@ def paraphrase_pairs(texts: dict[str, dict[Key, str]], split: str):
             }  # fmt: skip
 
 
-class BibleParaphrase(tfds.core.GeneratorBasedBuilder):
+class BibleParaphrase(SonofmanBuilder):
     """Paraphrase detection: is text b the same verse as text a, in another English version?
 
     Label 1 ("paraphrase"): one verse in two randomly chosen different versions. Label 0
@@ -90,10 +90,6 @@ class BibleParaphrase(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-
-    def __init__(self, *, db_path: str | None = None, **kwargs):
-        self._db_path = db_path
-        super().__init__(**kwargs)
 
     def _info(self):
         text = tfds.features.Text()
@@ -113,24 +109,20 @@ class BibleParaphrase(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        texts = _read(self._db_path)
+        texts = _read(self.db_path)
         return {split: self._generate_examples(texts, split) for split in SPLITS}
 
     def _generate_examples(self, texts, split):
         yield from paraphrase_pairs(texts, split)
 
 
-class BibleVersion(tfds.core.GeneratorBasedBuilder):
+class BibleVersion(SonofmanBuilder):
     """Which English version wrote a verse (4 classes): KJV 1611, KJ2000, BBE 1949 or WEB 2000.
 
     Every version of each verse of the split, except wordings two versions share (ambiguous).
     """
 
     VERSION = tfds.core.Version("1.0.0")
-
-    def __init__(self, *, db_path: str | None = None, **kwargs):
-        self._db_path = db_path
-        super().__init__(**kwargs)
 
     def _info(self):
         return self.dataset_info_from_configs(
@@ -145,7 +137,7 @@ class BibleVersion(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        texts = _read(self._db_path)
+        texts = _read(self.db_path)
         return {split: self._generate_examples(texts, split) for split in SPLITS}
 
     def _generate_examples(self, texts, split):

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
@@ -23,13 +24,16 @@ def default_data_dir(workdir: str) -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.join(workdir, "tfds")
 
 
-def prepared_dir(data_dir: str, manual_dir: str | None = None, db_path: str | None = None) -> str:
+def prepared_dir(
+    data_dir: str, manual_dir: str | None = None, db_path: str | None = None, fields: str | None = None
+) -> str:
     """Where a dataset built from local files is prepared: a folder named by what it is built from.
 
     A builder reading `manual_dir` (your corpus) or `db_path` is prepared under
     `<data_dir>/source-<hash>`, the hash of every source file's path, size and modification time,
     so a changed or different corpus is prepared afresh instead of silently reusing the old one.
-    `source.json` there lists the files. Other datasets use `data_dir` itself.
+    `source.json` there lists the files (and the `fields` read from columnar ones). Other datasets
+    use `data_dir` itself.
     """
     files = []
     if manual_dir:
@@ -39,12 +43,17 @@ def prepared_dir(data_dir: str, manual_dir: str | None = None, db_path: str | No
                 f"manual_dir {manual_dir!r} is not a folder; point it at your corpus files."
             )
         files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if not f.startswith(".")]
+        files += [  # HF save_to_disk folders: their Arrow files
+            os.path.join(f, g) for f in files if os.path.isdir(f) for g in sorted(os.listdir(f))
+        ]
     if db_path:
         files.append(os.path.abspath(os.path.expanduser(db_path)))
     if not files:
         return data_dir
     stats = {f: os.stat(f) for f in files if os.path.isfile(f)}
     described = [{"path": f, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for f, st in stats.items()]
+    if fields:  # other columns of the same files are another dataset
+        described.append({"fields": fields})
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
     out = os.path.join(data_dir, f"source-{digest}")
     listing = os.path.join(out, "source.json")
@@ -168,22 +177,25 @@ def _builder(name: str, data_dir: str, manual_dir: str | None = None, **builder_
         raise files.unreadable(folder, e, _reprepare(name, data_dir, folder)) from e
 
 
-def training_texts(source, features: list[str], max_examples: int = 2_000_000, chunk: int = 8192):
+def training_texts(source, features: list[str], max_examples: int = 500_000, chunk: int = 8192, seed: int = 0):
     """Distinct texts of the given features for tokenizer training (pass the *train* split only).
 
-    Each text once: a corpus of aligned versions (every source version paired with every target
-    version) repeats each sentence once per pairing, which would only slow SentencePiece down.
+    A split of more than `max_examples` examples is sampled (a seeded uniform sample, read in index
+    order), so the tokenizer's time and memory do not grow with the corpus; smaller splits are read
+    whole. Each text once: a corpus of aligned versions (every source version paired with every
+    target version) repeats each sentence once per pairing, which would only slow SentencePiece down.
     Read `chunk` examples at a time (`__getitems__`: several times faster than one by one).
     """
+    n = len(source)
+    if n > max_examples:
+        indices = np.sort(np.random.default_rng(seed).choice(n, max_examples, replace=False)).tolist()
+        logging.info("tokenizer training: a sample of %d of the %d train examples", max_examples, n)
+    else:
+        indices = list(range(n))
     seen = set()
-    n = min(len(source), max_examples)
-    for start in range(0, n, chunk):
-        indices = list(range(start, min(start + chunk, n)))
-        examples = (
-            source.__getitems__(indices)
-            if hasattr(source, "__getitems__")
-            else map(source.__getitem__, indices)
-        )
+    for start in range(0, len(indices), chunk):
+        part = indices[start : start + chunk]
+        examples = source.__getitems__(part) if hasattr(source, "__getitems__") else map(source.__getitem__, part)
         for example in examples:
             for feature in features:
                 value = example[feature]

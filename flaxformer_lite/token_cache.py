@@ -1,0 +1,145 @@
+"""Token ids prepared once per (split, tokenizer), so training reads ids instead of tokenizing text.
+
+A cache is a folder `<workdir>/tokens/<name>` holding, for every feature the task reads,
+`<feature>.ids` (the SentencePiece ids of every example, without EOS, concatenated in record order;
+uint16 when the vocabulary fits, else int32) and `<feature>.offsets` (int64, one more than the
+examples: example i is ids[offsets[i]:offsets[i + 1]]), plus `meta.json` (counts, dtypes, and
+what it was built from). The name holds a digest of the tokenizer model's bytes and of the prepared
+split's files and record counts, so another tokenizer or a re-prepared corpus gets a new cache and
+never reads a stale one. It is written under a temporary name and renamed when complete; a cache
+whose files do not match its meta.json (a truncated copy) is rebuilt, with a warning (it holds
+nothing that cannot be made again).
+
+Reading an example is two memmap slices (about a microsecond), against ~30 us of SentencePiece and
+~36 us of TFDS feature decoding per example; building streams the split in chunks with
+SentencePiece's batch encoder (memory: the offsets, 8 bytes per example and feature).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import tqdm
+from absl import logging
+
+CHUNK = 8192  # examples read and encoded at a time
+VERSION = 1
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def cache_name(split: str, model_path: str, source_id: str, features: dict[str, str]) -> str:
+    """`<split>-<digest>`: the digest of the tokenizer's bytes, the split's files and the features."""
+    h = hashlib.sha256()
+    with open(model_path, "rb") as f:
+        h.update(f.read())
+    h.update(json.dumps([VERSION, source_id, sorted(features.items())]).encode())
+    return f"{split}-{h.hexdigest()[:16]}"
+
+
+def source_id(source) -> str:
+    """What identifies a prepared split: its files' paths, sizes and record counts (CheckedSource)."""
+    paths = getattr(source, "paths", [])
+    described = [(p, os.path.getsize(p) if os.path.exists(p) else -1) for p in paths]
+    return json.dumps([described, len(source)])
+
+
+def build(source, sp, features: dict[str, str], folder: str) -> None:
+    """Tokenize every example of `source` (name -> feature to read) into `folder` (see module doc)."""
+    n, vocab = len(source), sp.get_piece_size()
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
+    tmp = f"{folder}.incomplete{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    byte_ids = np.array([sp.is_byte(i) for i in range(vocab)])
+    outs = {name: open(os.path.join(tmp, f"{name}.ids"), "wb") for name in features}
+    offsets = {name: [np.zeros(1, np.int64)] for name in features}
+    totals = dict.fromkeys(features, 0)
+    byte_fallback = 0
+    start = time.time()
+    bar = tqdm.tqdm(total=n, desc="tokenizing", unit=" examples", mininterval=2.0, leave=False)
+    for lo in range(0, n, CHUNK):
+        examples = source.__getitems__(list(range(lo, min(lo + CHUNK, n))))
+        for name, feature in features.items():
+            ids = sp.encode([_text(e[feature]) for e in examples])
+            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+            flat = np.fromiter((t for row in ids for t in row), dtype, int(lengths.sum()))
+            byte_fallback += int(byte_ids[flat].sum())
+            flat.tofile(outs[name])
+            offsets[name].append(totals[name] + np.cumsum(lengths))
+            totals[name] += int(lengths.sum())
+        bar.update(len(examples))
+    bar.close()
+    for name, f in outs.items():
+        f.close()
+        np.concatenate(offsets[name]).tofile(os.path.join(tmp, f"{name}.offsets"))
+    meta = {
+        "version": VERSION, "examples": n, "dtype": np.dtype(dtype).name, "features": features,
+        "tokens": totals, "byte_fallback_tokens": byte_fallback,
+    }  # fmt: skip
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    seconds = time.time() - start
+    logging.info(
+        "tokenized %d examples (%s tokens) into %s in %.0f s (%.0f examples/s)",
+        n, totals, folder, seconds, n / max(seconds, 1e-9),
+    )  # fmt: skip
+
+
+class TokenSource:
+    """Random access to a built cache: `source[i]` is {name: int32 ids of example i (no EOS)}."""
+
+    def __init__(self, folder: str):
+        with open(os.path.join(folder, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.folder, self.names = folder, list(self.meta["features"])
+        dtype = np.dtype(self.meta["dtype"])
+        self.ids, self.offsets = {}, {}
+        for name in self.names:
+            offsets = np.fromfile(os.path.join(folder, f"{name}.offsets"), np.int64)
+            ids_path = os.path.join(folder, f"{name}.ids")
+            size = os.path.getsize(ids_path) // dtype.itemsize
+            if len(offsets) != self.meta["examples"] + 1 or offsets[-1] != size:
+                raise ValueError(f"token cache {folder!r} is incomplete ({name}): its files do not match")
+            self.offsets[name] = offsets
+            # a plain ndarray over the mapped file: slicing a np.memmap costs ~4x more
+            mapped = np.memmap(ids_path, dtype, "r", shape=(size,)).view(np.ndarray) if size else None
+            self.ids[name] = mapped if size else np.zeros(0, dtype)
+
+    def __len__(self) -> int:
+        return self.meta["examples"]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        out = {}
+        for name in self.names:
+            lo, hi = self.offsets[name][i], self.offsets[name][i + 1]
+            out[name] = self.ids[name][lo:hi].astype(np.int32)
+        return out
+
+    def lengths(self, name: str) -> np.ndarray:
+        return np.diff(self.offsets[name])
+
+    def __repr__(self) -> str:
+        return f"TokenSource({self.folder!r}, {len(self)} examples)"
+
+
+def open_or_build(source, sp, model_path: str, features: dict[str, str], cache_dir: str, split: str):
+    """The TokenSource of `source` tokenized by the model at `model_path`, built on first use."""
+    folder = os.path.join(cache_dir, cache_name(split, model_path, source_id(source), features))
+    if os.path.isdir(folder):
+        try:
+            return TokenSource(folder)
+        except (OSError, ValueError, KeyError) as e:
+            logging.warning("rebuilding the token cache %s: %s", folder, e)
+    os.makedirs(cache_dir, exist_ok=True)
+    build(source, sp, features, folder)
+    return TokenSource(folder)
