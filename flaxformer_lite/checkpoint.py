@@ -29,6 +29,20 @@ from absl import logging
 
 from flaxformer_lite import checksums, files, validation
 
+_MAX_RELISTS = 20  # times a reader lists the steps again after one vanished while it was read
+_RELIST = object()
+
+
+def _listing(list_steps):
+    """list_steps() (orbax listing the step directories), again while a step vanishes under it: a
+    training run on the same workdir deleting a step it rotated out (orbax stats each step)."""
+    for attempt in range(_MAX_RELISTS):
+        try:
+            return list_steps()
+        except FileNotFoundError:
+            if attempt == _MAX_RELISTS - 1:
+                raise
+
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written by a different model or config."""
@@ -165,7 +179,9 @@ class Checkpointer:
         }
         self._saving = None  # the step whose (async) save may still be in flight
         # Handlers registered up front so a new process can read metadata before any save.
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.manager = _listing(
+            lambda: ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        )
 
     def save(
         self, step: int, state, data_iterator=None, config: dict | None = None, *, force=False, loss=None,
@@ -312,9 +328,11 @@ class Checkpointer:
     def restore_params(self, abstract_params, step: int | None = None, item: str = "params"):
         """(step, params) from the newest readable checkpoint (or `step`), without optimizer state.
 
-        item: "params", or "ema" for the moving average of the params (where the run kept one)."""
+        item: "params", "ema" for the moving average of the params (where the run kept one), or
+        "auto": the moving average where the step read holds one, else the params."""
 
         def read(s, saved):
+            name = ("ema" if "ema" in saved else "params") if item == "auto" else item
             if "state" in saved:  # the 0.1 layout: read the whole state (replicated), keep params
                 tree = saved["state"]
                 _check_shapes({"params": tree["params"]}, {"params": abstract_params}, s, self)
@@ -326,20 +344,22 @@ class Checkpointer:
                 state = self.manager.restore(
                     s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
                 )
+                _check_finite({"params": state["state"]["params"]})
                 return jax.device_put(
                     state["state"]["params"], jax.tree.map(lambda x: x.sharding, abstract_params)
                 )
-            if item not in saved:
+            if name not in saved:
                 raise CheckpointMismatchError(
-                    f"checkpoint step {s} in {self.directory!r} holds no {item!r} weights (the run kept "
+                    f"checkpoint step {s} in {self.directory!r} holds no {name!r} weights (the run kept "
                     "no moving average: train with --config.ema_decay, or read --weights=raw)"
                 )
-            _check_shapes({"params": saved[item]}, {"params": abstract_params}, s, self)
+            _check_shapes({"params": saved[name]}, {"params": abstract_params}, s, self)
             params = self.manager.restore(
-                s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)})
-            )[item]
-            self._verify(s, {item: params})
-            _check_finite({item: params})
+                s, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_params)})
+            )[name]
+            self._verify(s, {name: params})
+            _check_finite({name: params})
+            logging.info("read the %s weights of step %d in %s", name, s, self.directory)
             return params
 
         return self._newest_readable(read, step, move_aside=False)
@@ -386,20 +406,61 @@ class Checkpointer:
         """read(step, item metadata) of the newest step that reads (or of `step`); None if none exist.
 
         A step that cannot be read is skipped, and the next older one is tried; with `move_aside`
-        (training) it is first moved aside (by process 0), so no later run reads it again.
+        (training) it is first moved aside (by process 0), so no later run reads it again. A step
+        that vanishes while it is read is not damaged: a training run on the same workdir rotated it
+        out (keep_checkpoints), so the steps are listed again and the newest one is read.
         """
         if step is not None and step not in self.steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory!r}; have {self.steps()}."
             )
-        candidates = [step] if step is not None else list(reversed(self.steps()))
+        damaged: list[int] = []  # in the order tried, newest first
+        for relists_left in reversed(range(_MAX_RELISTS + 1)):
+            listed = self.steps()
+            candidates = [step] if step is not None else [s for s in reversed(listed) if s not in damaged]
+            newest = listed[-1] if step is None and listed else None
+            found = self._read_first(read, candidates, damaged, move_aside, newest if relists_left else -1)
+            if found is not _RELIST:
+                break
+            if step is not None and step not in self.steps():
+                raise FileNotFoundError(
+                    f"checkpoint step {step} in {self.directory!r} was deleted while it was read (a "
+                    f"training run on this workdir rotated it out: keep_checkpoints); have {self.steps()}."
+                )
+        if found is not None:
+            newer = [d for d in damaged if d > found[0]]
+            if newer:
+                logging.warning(
+                    "%s step %d: newer checkpoints %s were unreadable",
+                    "resumed from" if move_aside else "reading", found[0], newer,
+                )  # fmt: skip
+            return found
+        if not damaged:
+            return None
+        if move_aside:
+            raise ValueError(
+                f"none of the checkpoints {damaged} in {self.directory!r} is readable; they were moved "
+                "aside (*.corrupt-*). Start a new run in another --workdir, or move one back."
+            )
+        raise ValueError(
+            f"none of the checkpoints {damaged} in {self.directory!r} is readable (see the warnings "
+            "above). Train again in another --workdir, or restore this one from a backup."
+        )
+
+    def _read_first(self, read, candidates: list[int], damaged: list[int], move_aside: bool, newest):
+        """(step, read(step, ...)) of the first of `candidates` that reads, None if none does, or
+        _RELIST when one vanished while it was read (`newest`: the newest step listed, None for a
+        step asked for by number, -1: no more listing). Damaged steps join `damaged`."""
         for s in candidates:
             try:
-                saved = self._item_trees(s)
-                restored = read(s, saved)
+                return s, read(s, self._item_trees(s))
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001  (any read failure means: try an older one)
+                if newest != -1 and self._rotated_out(s, newest):
+                    logging.info("checkpoint step %d was deleted while it was read; listing again", s)
+                    return _RELIST
+                damaged.append(s)
                 if move_aside:
                     self._move_aside(s, e)
                 else:
@@ -408,24 +469,15 @@ class Checkpointer:
                         "files stay where they are; a train.py run on this workdir moves it aside)",
                         s, self.directory, files.reason(e),
                     )  # fmt: skip
-                continue
-            if s != candidates[0]:
-                logging.warning(
-                    "%s step %d: newer checkpoints %s were unreadable",
-                    "resumed from" if move_aside else "reading", s, candidates[: candidates.index(s)],
-                )  # fmt: skip
-            return s, restored
-        if not candidates:
-            return None
-        if move_aside:
-            raise ValueError(
-                f"none of the checkpoints {candidates} in {self.directory!r} is readable; they were moved "
-                "aside (*.corrupt-*). Start a new run in another --workdir, or move one back."
-            )
-        raise ValueError(
-            f"none of the checkpoints {candidates} in {self.directory!r} is readable (see the warnings "
-            "above). Train again in another --workdir, or restore this one from a backup."
-        )
+        return None
+
+    def _rotated_out(self, step: int, newest: int | None) -> bool:
+        """Whether `step` failed to read because a training run is rotating it out: a fresh listing
+        lacks it, or holds a step newer than `newest` (the run saved one, and deletes the oldest
+        after the save; a step half deleted is still listed)."""
+        _listing(self.manager.reload)
+        now = self.steps()
+        return step not in now or (newest is not None and bool(now) and now[-1] > newest)
 
     def _item_trees(self, step: int) -> dict:
         """{item name: tree of array metadata} of the array items a step holds."""

@@ -1,7 +1,9 @@
-"""Checkpoint layout: params restore alone (no optimizer state read), and 0.1 checkpoints still load."""
+"""Checkpoint layout: params restore alone (no optimizer state read), 0.1 checkpoints still load, NaN
+steps are damaged, and readers racing a training run's checkpoint rotation read the newest step."""
 
 import os
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -114,3 +116,60 @@ def test_a_step_saved_with_nan_is_damaged_for_training_and_for_readers(setup, tm
     moved = sorted(d.split(".")[0] for d in os.listdir(tmp_path) if ".corrupt-" in d)
     assert moved == ["2", "3"] and ckpt.steps() == [1]
     ckpt.close()
+
+
+def test_a_step_rotated_out_while_a_reader_reads_it_is_not_damaged(setup, tmp_path, caplog):
+    """eval.py against a running train.py with keep_checkpoints=1: the step listed is deleted before it
+    is read (the writer saved a newer one). The reader lists again and reads the newest; no warning."""
+    state, _, abstract_params = setup
+    newer = state.replace(params=jax.tree.map(lambda x: x + 1, state.params))
+    writer = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False)
+    writer.save(2, state)
+    reader = checkpoint.Checkpointer(str(tmp_path), save_every=1)
+    assert reader.steps() == [2]
+    item_metadata = reader.manager.item_metadata
+
+    def metadata_while_the_writer_rotates(step):
+        if step == 2 and writer.steps() == [2]:
+            writer.save(4, newer)  # keep=1: step 2 is deleted
+            assert not os.path.exists(tmp_path / "2")
+        return item_metadata(step)
+
+    reader.manager.item_metadata = metadata_while_the_writer_rotates
+    step, params = reader.restore_params(abstract_params)
+    assert step == 4
+    _assert_tree_equal(params, newer.params)
+    assert "unreadable" not in caplog.text, caplog.text
+    reader.close()
+    writer.close()
+
+
+@pytest.mark.slow
+def test_readers_racing_a_rotating_writer_always_read_a_step(setup, tmp_path, caplog):
+    """A writer thread saving every step with keep=1 while a reader restores again and again: every
+    read returns params of a step the writer saved (step s holds params + s), never an error."""
+    state, _, abstract_params = setup
+    writer = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False)
+    writer.save(1, state.replace(params=jax.tree.map(lambda x: x + 1, state.params)))
+    done = threading.Event()
+
+    def write():
+        for s in range(2, 200):
+            if done.is_set():
+                break
+            writer.save(s, state.replace(params=jax.tree.map(lambda x, s=s: x + s, state.params)))
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        for _ in range(15):
+            reader = checkpoint.Checkpointer(str(tmp_path), save_every=1)
+            step, params = reader.restore_params(abstract_params)
+            reader.close()
+            want = jax.tree.map(lambda x, step=step: x + step, state.params)
+            _assert_tree_equal(params, want)
+    finally:
+        done.set()
+        thread.join()
+        writer.close()
+    assert "unreadable" not in caplog.text, caplog.text
