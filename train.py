@@ -6,6 +6,7 @@ crash). Writes TensorBoard events, metrics.jsonl, loss.png and checkpoints to th
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from flaxformer_lite import (
     cli,
     evaluation,
     experiment,
+    prefetch,
     reporting,
     runtime,
     sharding,
@@ -64,15 +66,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("devices: %s; process %d of %d", jax.devices(), jax.process_index(), jax.process_count())
         exp = experiment.build(config, workdir)
         logging.info("model config: %s", exp.model.config)
-        state = train(exp, stop)
-        final = evaluate(exp, _eval_weights(state), with_bleu=True)
+        state, final = train(exp, stop)
+        final_step = int(jax.device_get(state.step))  # num_train_steps, or where it stopped early
+        if final is None:  # not scored at the last step already (valid_metric scores it in the loop)
+            final = evaluate(exp, _eval_weights(state), with_bleu=True)
+            logger = reporting.Logger(workdir, resume_step=final_step)
+            logger.write(final_step, "eval", final)
+            logger.close()
     finally:
         stop.close()
         lock.release()
-    final_step = int(jax.device_get(state.step))  # num_train_steps, or where it stopped early
-    logger = reporting.Logger(workdir, resume_step=final_step)
-    logger.write(final_step, "eval", final)
-    logger.close()
     logging.info("final eval: %s", _printable(final))
     if jax.process_index() == 0:
         reporting.plot_losses(workdir)
@@ -81,15 +84,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return final
 
 
+MAX_IN_FLIGHT = 2  # steps dispatched ahead of the last completed one (the bar counts completed steps)
+
+
 def train(exp, stop: runtime.StopRequests):
-    """The training loop, from the newest checkpoint; returns the final state."""
+    """The training loop, from the newest checkpoint: (final state, the scores of the last step if the
+    loop evaluated it with decoding, else None)."""
     config, workdir = exp.config, exp.workdir
     state, shardings = exp.init_state(jax.random.key(config.seed))
     runtime.check_room_for_checkpoints(state, workdir, config.keep_checkpoints + config.get("keep_best", 0))
     stats = ip.TokenizeStats()
-    train_iter = iter(exp.train_dataset(stats))
+    feed = prefetch.DevicePrefetch(
+        iter(exp.train_dataset(stats)), put=lambda batch: sharding.global_batch(batch, exp.mesh)
+    )
     ckpt = exp.checkpointer()
-    exp, start, state = _resume(exp, ckpt, state, shardings, train_iter)
+    exp, start, state = _resume(exp, ckpt, state, shardings, feed)
     config = exp.config
     train_step = exp.train_step(shardings)
     dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
@@ -101,26 +110,40 @@ def train(exp, stop: runtime.StopRequests):
         logging.info("%s", early.reason)
         ckpt.close()
         logger.close()
-        return state
+        feed.close()
+        return state, None
+    if stats.examples:  # a token cache counted the whole split up front
+        logging.info("train split (token cache): %s", stats.report())
     bar = tqdm.tqdm(
         total=config.num_train_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
         disable=jax.process_index() != 0,
     )  # fmt: skip
-    stopped = None
+    stopped, final, in_flight = None, None, collections.deque()
     with jax.set_mesh(exp.mesh), ckpt.finishing_saves(), contextlib.closing(bar), stop.training_loop():
         for step in range(start + 1, config.num_train_steps + 1):
-            batch = sharding.global_batch(next(train_iter), exp.mesh)
-            state, metrics = train_step(state, batch, dropout_rng)
+            state, metrics = train_step(state, next(feed), dropout_rng)
             window.add(step, metrics)
-            bar.update(1)
+            in_flight.append(metrics["loss"])
+            if len(in_flight) > MAX_IN_FLIGHT:  # wait for an older step: the bar shows completed steps
+                in_flight.popleft().block_until_ready()
+                bar.update(1)
             is_last, stopped = step == config.num_train_steps, stop.requested(step, ckpt.manager)
             log = step % config.log_every == 0 or is_last
-            scored = validation.evaluates_at(config, step, is_last) and not stopped
+            scored = validation.evaluates_at(config, step, is_last)  # when stopping too: before the save
             if log:  # a non-finite loss stops the run here (and in `peek`), so it is never checkpointed
-                summary = window.sync(step, last_good=ckpt.set_aside_unhealthy)
+                summary = window.sync(step, last_good=ckpt.set_aside_unhealthy, data_wait_s=feed.take_wait())
                 logger.write(step, "train", summary)
-                bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
-            scores = _validate(exp, state, step, early, logger) if scored else None
+                bar.update(len(in_flight))
+                in_flight.clear()  # the sync waited for every step
+                bar.set_postfix(
+                    loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}",
+                    data_wait=f"{summary['data_wait']:.0%}",
+                )  # fmt: skip
+            scores = None
+            if scored:
+                decode = validation.decodes_at(config, step) or is_last
+                scores, result = _validate(exp, state, step, early, logger, decode)
+                final = result if is_last else None  # the final evaluation: not done twice
             stopping = scores is not None and early.stopped  # saved, so that a rerun is a no-op
             save = step % config.checkpoint_every == 0 or is_last or stopped or stopping
             save = save or (scores is not None and early.keeps_best)  # the checkpoint carries the score
@@ -130,7 +153,7 @@ def train(exp, stop: runtime.StopRequests):
             if save:
                 loss, force = summary["loss"], is_last or bool(stopped) or scores is not None
                 ckpt.save(
-                    step, state, train_iter, config_json, force=force, loss=loss, healthy=window.healthy,
+                    step, state, feed, config_json, force=force, loss=loss, healthy=window.healthy,
                     scores=scores,
                 )  # fmt: skip
             if stopped:
@@ -139,14 +162,16 @@ def train(exp, stop: runtime.StopRequests):
                 logging.warning("%s", early.reason)
                 bar.write(early.reason)
                 break
+        bar.update(len(in_flight))
     bar.close()
     ckpt.close()
     logger.close()
+    feed.close()
     logging.info("tokenization: %s", stats.report())
     if stopped:
         message = f"saved step {step} after {stopped}; rerun the same command to resume"
         raise runtime.Stopped(message, 128 + getattr(signal, stopped))
-    return state
+    return state, final
 
 
 def _resume(exp, ckpt, state, shardings, train_iter):
@@ -171,12 +196,13 @@ def _resume(exp, ckpt, state, shardings, train_iter):
     return exp, 0, state
 
 
-def _validate(exp, state, step: int, early: validation.EarlyStopping, logger) -> dict | None:
-    """Score the validation split after `step`, log it; the scores its checkpoint carries."""
-    result = evaluate(exp, _eval_weights(state), validation.decodes_at(exp.config, step))
+def _validate(exp, state, step: int, early: validation.EarlyStopping, logger, decode: bool):
+    """Score the validation split after `step` (BLEU/chrF too if `decode`), log it: (the scores its
+    checkpoint carries, the whole result)."""
+    result = evaluate(exp, _eval_weights(state), decode)
     logger.write(step, "eval", result)
     logging.info("step %d eval: %s", step, _printable(result))
-    return early.add(step, result)
+    return early.add(step, result), result
 
 
 def _printable(result: dict) -> dict:

@@ -138,7 +138,7 @@ class Experiment:
         cache = self.token_cache(split)
         if cache is None:
             return self._dataset(split, self.tokenize(stats), train=True)
-        c, from_cache = self.config, ip.FromCache(cache, self.config.max_length, stats)
+        c, from_cache = self.config, ip.FromCache(cache, self.config.max_length, stats, split)
         if not c.pack:
             return self._dataset(split, from_cache, train=True, source=cache)
         return ip.make_packed_dataset(
@@ -157,7 +157,9 @@ class Experiment:
             return None
         source, cache_dir = self.data.open(split), os.path.join(self.workdir, "tokens")
         return runtime.process_zero_first(
-            lambda: token_cache.open_or_build(source, self.tokenizer, model_path, self.data.keys, cache_dir, split),
+            lambda: token_cache.open_or_build(
+                source, self.tokenizer, model_path, self.data.keys, cache_dir, split
+            ),
             key=f"tokens_ready_{split}",
         )
 

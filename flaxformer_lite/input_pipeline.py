@@ -66,6 +66,10 @@ class Tokenize:
         return not empty
 
 
+class NoUsableExample(ValueError):
+    """A whole pass over a split gave no example that survives tokenization and filtering."""
+
+
 class FromCache:
     """Token ids from a `token_cache.TokenSource` -> the same arrays `Tokenize` makes from text.
 
@@ -73,7 +77,7 @@ class FromCache:
     cache, when this is made: workers cannot report counts back to the main process.
     """
 
-    def __init__(self, cache, max_length: int, stats: TokenizeStats | None = None):
+    def __init__(self, cache, max_length: int, stats: TokenizeStats | None = None, split: str = "given"):
         self.keys, self.max_length = {name: name for name in cache.names}, max_length
         self.stats = stats if stats is not None else TokenizeStats()
         lengths = {name: cache.lengths(name) for name in cache.names}
@@ -81,7 +85,11 @@ class FromCache:
         self.stats.trimmed += int(sum((n >= max_length).sum() for n in lengths.values()))
         self.stats.empty += int(np.logical_or.reduce([n == 0 for n in lengths.values()]).sum())
         self.stats.byte_fallback_tokens += cache.meta["byte_fallback_tokens"]
-        self.usable = len(cache) - self.stats.empty
+        if self.stats.empty == len(cache):
+            raise NoUsableExample(
+                f"the {split} split has {len(cache)} prepared examples, and none survives tokenization "
+                f"({self.stats.report()}). Check the corpus file of that split."
+            )
 
     def __call__(self, example: dict) -> dict:
         eos = np.full(1, EOS_ID, np.int32)
@@ -90,10 +98,6 @@ class FromCache:
     @staticmethod
     def keep(example: dict) -> bool:
         return all(len(v) > 1 for v in example.values())
-
-
-class NoUsableExample(ValueError):
-    """A whole pass over a split gave no example that survives tokenization and filtering."""
 
 
 class _KeepOrFail:
@@ -163,11 +167,6 @@ def make_dataset(
     `mp_prefetch`, after batching so only whole batches cross processes); the batches then depend
     on the worker count, so a run resumes with the same one.
     """
-    if isinstance(tokenize, FromCache) and not tokenize.usable:
-        raise NoUsableExample(
-            f"the {split} split has {len(source)} prepared examples, and none survives tokenization "
-            f"({tokenize.stats.report()}). Check the corpus file of that split."
-        )
     if len(source) < shard_count:
         raise ValueError(f"the split has {len(source)} examples, fewer than the {shard_count} data shards.")
     ds = grain.MapDataset.source(source)
@@ -196,8 +195,15 @@ def make_dataset(
 
 
 def make_packed_dataset(
-    cache, *, batch_size: int, max_length: int, max_segments: int | None, seed: int = 0,
-    shard_index: int = 0, shard_count: int = 1, workers: int = 0,
+    cache,
+    *,
+    batch_size: int,
+    max_length: int,
+    max_segments: int | None,
+    seed: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    workers: int = 0,
 ) -> grain.IterDataset:
     """Endless shuffled packed batches from a token cache (`packing.PackedBatches`): the batches
     `make_dataset(..., pack=True)` would make from the same example order, without grain's per-example

@@ -185,8 +185,9 @@ class MetricsWindow:
         self.healthy = self._is_healthy(loss)
         return {"loss": loss}
 
-    def sync(self, step: int, last_good) -> dict:
-        """Mean metrics since the last sync, with tokens/s and steps/s measured on the host."""
+    def sync(self, step: int, last_good, data_wait_s: float = 0.0) -> dict:
+        """Mean metrics since the last sync, with tokens/s and steps/s measured on the host, and
+        `data_wait`: the fraction of that time the loop waited for its input (`data_wait_s`)."""
         fetched = self._fetch(last_good)
         timed, self.pending, self.carried = fetched[self.carried :], [], 0
         if not fetched:
@@ -195,6 +196,7 @@ class MetricsWindow:
         summary = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
         summary["tokens_per_sec"] = sum(m["tokens"] for _, m in timed) / elapsed
         summary["steps_per_sec"] = len(timed) / elapsed
+        summary["data_wait"] = min(data_wait_s / elapsed, 1.0)
         self.last_time = time.time()
         self.healthy = self._is_healthy(summary["loss"])
         if self.healthy:

@@ -127,10 +127,13 @@ def _arrow_batches(path: str, batch_rows: int = 65_536):
 
 
 def _flat(batch):
-    """A record batch with nested struct columns flattened to dotted names (translation.en)."""
-    while any(str(t).startswith("struct") for t in batch.schema.types):
-        batch = batch.flatten()
-    return batch
+    """A table of the record batch with nested struct columns flattened to dotted names."""
+    import pyarrow as pa
+
+    table = pa.Table.from_batches([batch])
+    while any(pa.types.is_struct(t) for t in table.schema.types):
+        table = table.flatten()  # translation: {en, de} -> translation.en, translation.de
+    return table
 
 
 def iter_records(path: str, fields: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
@@ -186,7 +189,9 @@ class _LocalFilesBuilder(StreamingBuilder):
         found = {}
         for split in SPLITS:
             candidates = [os.path.join(folder, split + s) for s in (self.SUFFIX, *COLUMNAR)]
-            existing = [p for p in candidates if os.path.isfile(p) or (p.endswith(split) and os.path.isdir(p))]
+            existing = [
+                p for p in candidates if os.path.isfile(p) or (p.endswith(split) and os.path.isdir(p))
+            ]
             if len(existing) > 1:
                 raise BadCorpusError(f"corpus folder {folder!r} has {existing}: keep one file per split.")
             if existing:
