@@ -20,6 +20,8 @@ positions w, w + N, ... of the stream (grain's slicing protocol), so batches dep
 
 from __future__ import annotations
 
+import array
+
 import grain
 import numpy as np
 
@@ -67,7 +69,11 @@ class PackedBatches(grain.IterDataset):
         lengths[(lengths <= 1).any(axis=1)] = 0
         if not lengths.any():
             raise ValueError("no example of the split survives tokenization (all are empty)")
-        self.lengths = lengths.tolist()  # Python ints: the first-fit loop reads them one by one
+        # 2 (or 4) bytes per example and feature, read as Python ints by the first-fit loop
+        code, dtype = ("H", np.uint16) if max_length <= np.iinfo(np.uint16).max else ("I", np.uint32)
+        self.lengths = [
+            array.array(code, lengths[:, f].astype(dtype).tobytes()) for f in range(len(self.names))
+        ]
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         """grain's worker slicing: keep every `sl.step`-th stream position from `sl.start`."""
@@ -103,7 +109,7 @@ class _PackedIterator(grain.DatasetIterator):
         plan, j = [], self.position
         while True:
             index = order[j]
-            length = lengths[index]
+            length = [lengths_f[index] for lengths_f in lengths]
             if not length[0]:  # empty after tokenization
                 j += 1
                 continue
@@ -136,7 +142,7 @@ class _PackedIterator(grain.DatasetIterator):
             segment[row] += 1
             for f, name in enumerate(ds.names):
                 ids, offsets = ds.cache.ids[name], ds.cache.offsets[name]
-                n = ds.lengths[index][f]
+                n = ds.lengths[f][index]
                 lo, start = offsets[index], starts[f]
                 out[name][row, start : start + n - 1] = ids[lo : lo + n - 1]
                 out[name][row, start + n - 1] = EOS_ID

@@ -66,16 +66,16 @@ def build(source, sp, features: dict[str, str], folder: str) -> None:
     start = time.time()
     bar = tqdm.tqdm(total=n, desc="tokenizing", unit=" examples", mininterval=2.0, leave=False)
     for lo in range(0, n, CHUNK):
-        examples = source.__getitems__(list(range(lo, min(lo + CHUNK, n))))
-        for name, feature in features.items():
-            ids = sp.encode([_text(e[feature]) for e in examples])
+        columns = _read_texts(source, lo, min(lo + CHUNK, n), list(features.values()))
+        for (name, _), texts in zip(features.items(), columns, strict=True):
+            ids = sp.encode(texts)
             lengths = np.fromiter(map(len, ids), np.int64, len(ids))
             flat = np.fromiter((t for row in ids for t in row), dtype, int(lengths.sum()))
             byte_fallback += int(byte_ids[flat].sum())
             flat.tofile(outs[name])
             offsets[name].append(totals[name] + np.cumsum(lengths))
             totals[name] += int(lengths.sum())
-        bar.update(len(examples))
+        bar.update(len(texts))
     bar.close()
     for name, f in outs.items():
         f.close()
@@ -93,6 +93,15 @@ def build(source, sp, features: dict[str, str], folder: str) -> None:
         "tokenized %d examples (%s tokens) into %s in %.0f s (%.0f examples/s)",
         n, totals, folder, seconds, n / max(seconds, 1e-9),
     )  # fmt: skip
+
+
+def _read_texts(source, start: int, stop: int, features: list[str]) -> list[list[str]]:
+    """One list of texts per feature for records [start, stop): raw reads where the source has them."""
+    if hasattr(source, "texts"):  # datasets.CheckedSource over Text features
+        rows = source.texts(start, stop, features)
+    else:
+        rows = [tuple(_text(e[f]) for f in features) for e in source.__getitems__(list(range(start, stop)))]
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in features]
 
 
 class TokenSource:
@@ -117,6 +126,9 @@ class TokenSource:
 
     def __len__(self) -> int:
         return self.meta["examples"]
+
+    def __reduce__(self):  # to a worker process by its folder, not by the mapped arrays
+        return TokenSource, (self.folder,)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         out = {}

@@ -138,6 +138,27 @@ class CheckedSource:
         except Exception as e:  # noqa: BLE001
             raise self._unreadable(keys, e) from e
 
+    def texts(self, start: int, stop: int, features: list[str]) -> list[tuple[str, ...]]:
+        """The text features of records [start, stop) as str tuples, read raw (~25 us a record, against
+        ~100 us through TFDS's feature decoding): each record is a tf.train.Example whose Text
+        features are one bytes value each."""
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        if not hasattr(self, "_raw"):
+            self._raw = ArrayRecordDataSource(self.paths)
+        keys = list(range(start, stop))
+        try:
+            records = self._raw.__getitems__(keys)
+            parsed = [tf_example_pb2.Example.FromString(r).features.feature for r in records]
+        except Exception as e:  # noqa: BLE001
+            raise self._unreadable(keys, e) from e
+        try:
+            return [tuple(p[f].bytes_list.value[0].decode("utf-8") for f in features) for p in parsed]
+        except IndexError:  # not one text per feature (another feature type): TFDS's decoding
+            examples = self.__getitems__(keys)
+            return [tuple(_as_text(e[f]) for f in features) for e in examples]
+
     def _unreadable(self, keys, e: Exception) -> files.UnreadableFileError:
         shards = sorted({bisect.bisect_right(self.ends, int(k)) for k in keys})
         named = [self.paths[i] for i in shards if i < len(self.paths)] or self.paths
@@ -145,6 +166,10 @@ class CheckedSource:
 
     def __repr__(self) -> str:
         return f"CheckedSource({self.source!r})"
+
+
+def _as_text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def supervised_keys(name: str, data_dir: str, reverse: bool = False, **builder_kwargs) -> tuple[str, str]:
@@ -177,7 +202,9 @@ def _builder(name: str, data_dir: str, manual_dir: str | None = None, **builder_
         raise files.unreadable(folder, e, _reprepare(name, data_dir, folder)) from e
 
 
-def training_texts(source, features: list[str], max_examples: int = 500_000, chunk: int = 8192, seed: int = 0):
+def training_texts(
+    source, features: list[str], max_examples: int = 500_000, chunk: int = 8192, seed: int = 0
+):
     """Distinct texts of the given features for tokenizer training (pass the *train* split only).
 
     A split of more than `max_examples` examples is sampled (a seeded uniform sample, read in index
@@ -195,7 +222,9 @@ def training_texts(source, features: list[str], max_examples: int = 500_000, chu
     seen = set()
     for start in range(0, len(indices), chunk):
         part = indices[start : start + chunk]
-        examples = source.__getitems__(part) if hasattr(source, "__getitems__") else map(source.__getitem__, part)
+        examples = (
+            source.__getitems__(part) if hasattr(source, "__getitems__") else map(source.__getitem__, part)
+        )
         for example in examples:
             for feature in features:
                 value = example[feature]

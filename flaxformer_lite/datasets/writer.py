@@ -127,4 +127,3 @@ class _ShardWriter:
         return tfds.core.SplitInfo(
             name=self.split, shard_lengths=self.lengths, num_bytes=self.bytes, filename_template=self.template
         )
-

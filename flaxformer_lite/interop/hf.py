@@ -159,14 +159,84 @@ def config_from_dir(path: str) -> ModelConfig:
     return _config_of(path, _read_config(path))
 
 
+# The sizes config.json may give (and None where transformers allows it), each at most its bound:
+# the largest published models stay well inside them, and nothing is built before they are checked
+# (a vocab_size of 10**12 or 10**6 layers would overflow an index or trace for hours).
+_SIZE_BOUNDS = {
+    **dict.fromkeys(("vocab_size", "decoder_vocab_size"), 2**22),
+    **dict.fromkeys(("n_embd", "hidden_size", "d_model"), 2**16),
+    **dict.fromkeys(("n_inner", "intermediate_size", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff"), 2**18),
+    **dict.fromkeys(
+        (
+            "n_layer",
+            "num_hidden_layers",
+            "encoder_layers",
+            "decoder_layers",
+            "num_layers",
+            "num_decoder_layers",
+        ),
+        2**10,
+    ),  # fmt: skip
+    **dict.fromkeys(
+        (
+            "n_head",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+            "num_heads",
+        ),
+        2**10,
+    ),  # fmt: skip
+    **dict.fromkeys(("head_dim", "d_kv", "type_vocab_size", "relative_attention_num_buckets"), 2**12),
+    **dict.fromkeys(
+        ("n_positions", "max_position_embeddings", "relative_attention_max_distance", "sliding_window"), 2**24
+    ),
+}
+MAX_VALUES = 2**38  # parameters plus position tables: 1 TiB in float32
+
+
+def _check_sizes(config_path: str, hf: dict) -> None:
+    """Refuse a size in config.json that is not a whole number in 1..its bound, naming the key."""
+    for key, bound in _SIZE_BOUNDS.items():
+        value = hf.get(key)
+        if value is None or isinstance(value, str):  # absent, or a quoted number (_config_of names those)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+            raise ValueError(
+                f"{config_path} has {key}={value!r}, which is not a whole number from 1 to {bound:,}; "
+                f"correct it, or {files.replace_original('config.json')}"
+            )
+
+
+def _check_total(config_path: str, cfg: ModelConfig) -> None:
+    """Refuse a model whose parameters (and position tables) would pass MAX_VALUES, before building it."""
+    c = cfg
+    head_dim = c.head_dim or c.d_model // c.num_heads
+    attention = c.d_model * head_dim * (2 * c.num_heads + 2 * (c.num_kv_heads or c.num_heads))
+    mlp = c.d_model * c.d_ff * (3 if c.gated else 2)
+    layers = c.num_encoder_layers + c.num_decoder_layers * (2 if c.num_encoder_layers else 1)
+    vocab = c.vocab_size + (c.source_vocab_size or 0) + c.max_len + (c.type_vocab_size or 0)
+    total = vocab * c.d_model + layers * (attention + mlp) + c.relative_buckets * c.num_heads
+    if total > MAX_VALUES:
+        raise ValueError(
+            f"{config_path} describes a model of about {total:.2e} parameters (vocab_size={c.vocab_size}, "
+            f"d_model={c.d_model}, d_ff={c.d_ff}, layers={c.num_encoder_layers}+{c.num_decoder_layers}, "
+            f"max_len={c.max_len}), more than {MAX_VALUES:.2e}; correct it, or "
+            f"{files.replace_original('config.json')}"
+        )
+
+
 def _config_of(path: str, hf: dict) -> ModelConfig:
-    """config_from_hf, with an error from a missing key or a value of the wrong type naming config.json."""
+    """config_from_hf, with an error from a missing key, a value of the wrong type or a size out of
+    bounds naming config.json."""
+    config_path = os.path.join(path, "config.json")
+    _check_sizes(config_path, hf)
     try:
-        return config_from_hf(hf)
+        cfg = config_from_hf(hf)
     except UnsupportedCheckpointError:
         raise  # says what the checkpoint uses that we cannot express
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        config_path = os.path.join(path, "config.json")
         if isinstance(e, KeyError):
             what = f"lacks the key {e.args[0]!r}"
         else:
@@ -176,6 +246,8 @@ def _config_of(path: str, hf: dict) -> ModelConfig:
         raise ValueError(
             f"{config_path} {what}; correct it, or {files.replace_original('config.json')}"
         ) from e
+    _check_total(config_path, cfg)
+    return cfg
 
 
 def _is_number(text: str) -> bool:
