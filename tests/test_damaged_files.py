@@ -217,6 +217,16 @@ HF_CASES = {  # name: (damage, the damaged file, what the line says besides its 
         r"has a value .*n_embd='32'.*TypeError: '>' not supported",
     ),
     "a truncated config.json": (_cut("config.json", 60), "config.json", r"cannot read .*JSONDecodeError"),
+    "a vocab_size of 10**12": (  # was an OverflowError traceback
+        _set("vocab_size", 10**12),
+        "config.json",
+        r"has vocab_size=1000000000000, which is not a whole number from 1 to 4,194,304",
+    ),
+    "10**6 layers": (  # traced for hours, memory climbing
+        _set("n_layer", 10**6),
+        "config.json",
+        r"has n_layer=1000000, which is not a whole number from 1 to 1,024",
+    ),
     "a truncated model.safetensors": (
         _cut("model.safetensors", 20),
         "model.safetensors",

@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import re
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +104,39 @@ def test_unsupported_architecture_names_what_is_supported(tmp_path):
     )
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(interop.UnsupportedCheckpointError, match=r"hidden_act='gelu', rope_scaling="):
+        interop.from_hf(str(tmp_path))
+
+
+def _set_config(path, **values):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **values}))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("vocab_size", 10**12), ("n_layer", 2**11), ("n_head", 0), ("n_embd", 48.5), ("n_positions", True)],
+)
+def test_a_size_out_of_bounds_is_refused_naming_the_key_before_anything_is_built(key, value, tmp_path):
+    """vocab_size=10**12 once gave an OverflowError traceback; n_layer=10**6 traced for hours (its
+    command-line case is in test_damaged_files.py)."""
+    _gpt2(tmp_path)
+    _set_config(tmp_path, **{key: value})
+    start = time.monotonic()
+    with pytest.raises(
+        ValueError, match=rf"config.json has {key}={value!r}, which is not a whole number from 1 to [\d,]+; "
+    ):
+        interop.from_hf(str(tmp_path))
+    assert time.monotonic() - start < 5
+
+
+def test_sizes_each_in_bounds_but_too_large_together_are_refused(tmp_path):
+    _gpt2(tmp_path)
+    v, d, n, f, p = 2**22, 2**16, 2**10, 2**18, 64
+    _set_config(tmp_path, vocab_size=v, n_embd=d, n_layer=n, n_inner=f, n_positions=p)
+    params = (v + p) * d + n * (4 * d * d + 2 * d * f)  # GPT-2's matrices (biases and norms aside)
+    with pytest.raises(
+        ValueError, match=f"config.json describes a model of about {re.escape(f'{params:.2e}')} "
+    ):
         interop.from_hf(str(tmp_path))
 
 
