@@ -7,12 +7,14 @@
 --last=N takes the newest N checkpoints, --best=N the N with the best validation score (a run
 trained with --config.valid_metric and --config.keep_best). The mean is taken in float64 and
 stored as the params' dtype in <workdir>/averaged/<newest step>/ (params, config with
-`averaged_from`, checksums), replacing an earlier average. The raw params are averaged, or with
---weights=ema the moving averages the run kept.
+`averaged_from`, checksums), replacing an earlier average once it is written whole (a full disk
+keeps the earlier one). The raw params are averaged, or with --weights=ema the moving averages the
+run kept.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import jax
@@ -20,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxformer_lite import checkpoint, cli, experiment, training
+from flaxformer_lite import checkpoint, cli, experiment, files, training
 
 
 def choose_steps(ckpt: checkpoint.Checkpointer, last: int = 0, best: int = 0) -> list[int]:
@@ -62,14 +64,32 @@ def average(exp, steps: list[int], item: str = "params"):
 
 
 def write(exp, steps: list[int], params, config: dict, how: str) -> str:
-    """Replace <workdir>/averaged with one checkpoint of `params` at the newest of `steps`."""
-    shutil.rmtree(exp.averaged_dir, ignore_errors=True)  # our own output: an earlier average
-    ckpt = checkpoint.Checkpointer(exp.averaged_dir, save_every=1, async_save=False)
+    """Replace <workdir>/averaged with one checkpoint of `params` at the newest of `steps`.
+
+    The new average is written beside the old one (`averaged.new`) and swapped in by renames once
+    complete, so a failed write (a full disk) leaves the previous average as it was."""
+    final = exp.averaged_dir
+    staging, previous = f"{final}.new", f"{final}.old"
+    for leftover in (staging, previous):  # our own, from a run that stopped half way
+        shutil.rmtree(leftover, ignore_errors=True)
+    ckpt = checkpoint.Checkpointer(staging, save_every=1, async_save=False)
     try:
-        ckpt.save_params(max(steps), params, {**config, "averaged_from": sorted(steps), "average": how})
-    finally:
-        ckpt.close()
-    return exp.averaged_dir
+        try:
+            ckpt.save_params(max(steps), params, {**config, "averaged_from": sorted(steps), "average": how})
+        finally:
+            ckpt.close()
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = "the previous average is kept" if os.path.isdir(final) else "no average was written"
+        raise OSError(
+            f"writing the average to {final!r} failed ({files.reason(e)}); {kept}. "
+            "Free space (or fix the directory) and rerun."
+        ) from e
+    if os.path.isdir(final):
+        os.replace(final, previous)
+    os.replace(staging, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
 
 
 def define_flags() -> None:

@@ -336,3 +336,31 @@ def test_eval_on_a_full_disk_names_the_file_and_keeps_the_previous_outputs(
     assert written and os.path.dirname(written[1]) == str(tmp_path / "out"), line
     assert line.endswith("free space (or pick another --output_dir) and rerun"), line
     assert _outputs(tmp_path / "out") == healthy_eval  # no empty, half-written or temporary file
+
+
+def _contents(folder) -> dict:
+    """{relative path: bytes} of every file under `folder`."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def test_average_on_a_full_disk_keeps_the_previous_average(prepared, reference, tmp_path):
+    """Before issue 38 the previous average was deleted before the new one was written."""
+    workdir = str(tmp_path / "work")
+    shutil.copytree(reference, workdir)
+    flags = ["--config=tests/tiny_config.py", f"--workdir={workdir}", f"--config.data_dir={prepared[0]}"]
+    proc = _script("-m", "flaxformer_lite.average", *flags, "--last=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    averaged = os.path.join(workdir, "averaged")
+    before = _contents(averaged)
+    assert f"{STEPS}/params/_METADATA" in before
+    line = _failed(_script("-m", "flaxformer_lite.average", *flags, "--last=3", limit_file_bytes=100))
+    assert line.startswith(f"error: writing the average to {averaged!r} failed ("), line
+    assert "File too large" in line and line.endswith(
+        "the previous average is kept. Free space (or fix the directory) and rerun."
+    ), line
+    assert _contents(averaged) == before
+    assert sorted(os.listdir(workdir)) == sorted([*os.listdir(reference), "averaged"])  # no averaged.new
