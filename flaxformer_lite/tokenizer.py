@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import signal
 from collections.abc import Iterable
 
 import sentencepiece as spm
@@ -50,6 +52,18 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
+        # A signal handler that raised while SentencePiece read `texts` (runtime.StopRequests: exit
+        # 143/130) comes back as this RuntimeError, its exception lost: deliver the signal again so the
+        # handler raises its own exception here, and the stop is not reported as a tokenizer failure.
+        signalled = re.search(r"\b(SIGTERM|SIGINT) received|^INTERNAL: (KeyboardInterrupt)\b", str(e))
+        if signalled:
+            signal.raise_signal(signal.SIGTERM if signalled[1] == "SIGTERM" else signal.SIGINT)
+        if "all_chars_count" in str(e):  # no character left after SentencePiece's normalisation
+            raise ValueError(
+                f"the corpus has no text to train the tokenizer on: its {counted.count} training texts "
+                "are all empty once SentencePiece normalises them (whitespace and invisible characters "
+                "removed); give the train split of the corpus some text (dataset_name / manual_dir)"
+            ) from e
         raise ValueError(
             f"SentencePiece training failed ({e}). Adjust vocab_size (now {vocab_size}): a small "
             "corpus needs a smaller one, many distinct characters a larger one (or a lower "

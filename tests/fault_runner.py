@@ -7,6 +7,8 @@ FAULT_MAX_FILE_BYTES=N: no file may grow past N bytes (RLIMIT_FSIZE), so writes 
 they do on a full disk, with an OSError from the kernel.
 FAULT_EXPLODE_FROM_STEP=N, FAULT_NAN_AT_STEP=M: the reported loss is multiplied by 1e6 from step N
 and becomes NaN at step M, as a diverging run's would (the params stay those of the real run).
+FAULT_SIGTERM_IN_TOKENIZER_AT=N: the process sends itself SIGTERM while SentencePiece reads the
+N-th training text (the signal arrives inside SentencePiece's callback).
 """
 
 import os
@@ -43,7 +45,22 @@ def _diverging(real_step, explode_from: int, nan_at: int):
     return step
 
 
+def _sigterm_in_tokenizer(at: int) -> None:
+    from flaxformer_lite import tokenizer
+
+    real_next = tokenizer._Counted.__next__
+
+    def next_or_sigterm(self):
+        if self.count == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next(self)
+
+    tokenizer._Counted.__next__ = next_or_sigterm
+
+
 if __name__ == "__main__":
+    if "FAULT_SIGTERM_IN_TOKENIZER_AT" in os.environ:
+        _sigterm_in_tokenizer(int(os.environ["FAULT_SIGTERM_IN_TOKENIZER_AT"]))
     if "FAULT_NAN_AT_STEP" in os.environ:
         explode = int(os.environ.get("FAULT_EXPLODE_FROM_STEP", 10**9))
         training.train_step = _diverging(training.train_step, explode, int(os.environ["FAULT_NAN_AT_STEP"]))

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import optax
@@ -171,6 +172,23 @@ def test_sigterm_outside_the_loop_stops_at_once_and_the_rerun_finishes(prepared,
     assert _last_line(err).startswith("SIGTERM received outside the training loop; stopped at once")
     runs.run(workdir, prepared)
     assert runs.curve(workdir) == runs.curve(reference)
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_tokenizer_trains_exits_143_and_keeps_no_tokenizer(prepared, tmp_path):
+    """Before issue 38: exit 1 with "SentencePiece training failed (... SIGTERM received ...). Adjust
+    vocab_size"."""
+    workdir = str(tmp_path / "tokenizer")
+    os.makedirs(workdir)  # no spm.model: this run trains it
+    proc = subprocess.Popen(
+        runs.command(workdir, prepared), cwd=runs.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=runs.environment(FAULT_SIGTERM_IN_TOKENIZER_AT="50"),
+    )  # fmt: skip
+    err = runs.finish(proc, expect_ok=False)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert _last_line(err).startswith("SIGTERM received outside the training loop; stopped at once")
+    assert "vocab_size" not in err and "Traceback" not in err
+    assert not [f for f in os.listdir(workdir) if f.startswith("spm.model")]
 
 
 @pytest.mark.slow
