@@ -23,6 +23,7 @@ from flaxformer_lite import (
     cli,
     evaluation,
     experiment,
+    init_from,
     prefetch,
     reporting,
     runtime,
@@ -64,6 +65,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stop = runtime.StopRequests()
     try:
         logging.info("devices: %s; process %d of %d", jax.devices(), jax.process_index(), jax.process_count())
+        _refuse_other_data(config, workdir)  # before build, which prepares the data
         exp = experiment.build(config, workdir)
         logging.info("model config: %s", exp.model.config)
         state, final = train(exp, stop)
@@ -172,6 +174,14 @@ def train(exp, stop: runtime.StopRequests):
         message = f"saved step {step} after {stopped}; rerun the same command to resume"
         raise runtime.Stopped(message, 128 + getattr(signal, stopped))
     return state, final
+
+
+def _refuse_other_data(config, workdir: str) -> None:
+    """A rerun of a workdir with another dataset (or tokenizer) is refused before anything is prepared."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    if steps:  # the newest step's config (None if unreadable: build's full check still comes)
+        experiment.refuse_other_data(init_from.saved_config(workdir), config, workdir, steps[-1])
 
 
 def _resume(exp, ckpt, state, shardings, train_iter):

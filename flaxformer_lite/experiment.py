@@ -41,6 +41,8 @@ from flaxformer_lite.run_config import (  # noqa: F401  (re-exported: experiment
     RESUMABLE_CHANGES,
     make_optimizer,
     model_config,
+    refuse_other_data,
+    refused_resume,
     resume_changes,
     schedule_horizon,
     validate,
@@ -289,11 +291,7 @@ class Experiment:
             saved = {**saved, "schedule_steps": saved.get("schedule_steps") or saved.get("num_train_steps")}
             refused, allowed = resume_changes(saved, config)
             if refused:
-                raise checkpoint.CheckpointMismatchError(
-                    f"workdir {self.workdir!r} holds a run (checkpoint of step {step}) made with other "
-                    f"settings: {'; '.join(refused)}. Resume with the settings it was trained with, or "
-                    f"start a new --workdir; a resumed run may change only {', '.join(RESUMABLE_CHANGES)}."
-                )
+                raise refused_resume(self.workdir, step, refused)
             if allowed:
                 logging.info("resuming with changed run settings: %s", "; ".join(allowed))
         tx, schedule = make_optimizer(config, self.model.config.d_model)

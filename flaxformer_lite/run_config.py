@@ -11,7 +11,7 @@ import json
 
 import jax
 
-from flaxformer_lite import tasks, training, validation
+from flaxformer_lite import checkpoint, tasks, training, validation
 from flaxformer_lite.config import ModelConfig, preset
 
 # ModelConfig fields that change how a model runs, not what it computes.
@@ -31,6 +31,32 @@ RESUMABLE_CHANGES = (
     "process_id", "model.overrides.attention_impl", "model.overrides.remat_policy", "keep_best", "patience",
     "valid_beam_size", "objective", "mrt_candidates", "mrt_source", "mrt_temperature", "mrt_alpha", "mrt_mix",
 )  # fmt: skip
+
+
+# Config fields that decide which data is prepared and how it is tokenized. A resumed run that
+# changes one is refused before anything is prepared (`refuse_other_data`, called by train.py before
+# experiment.build); every field is compared once the experiment is built (`Experiment.for_resume`).
+DATA_FIELDS = (
+    "task", "dataset_name", "manual_dir", "corpus_fields", "db_path", "reverse_translation", "train_split",
+    "vocab_size", "character_coverage",
+)  # fmt: skip
+
+
+def refused_resume(workdir: str, step: int, refused: list[str]) -> checkpoint.CheckpointMismatchError:
+    """The one-line error for a resume that would change what the run computes."""
+    return checkpoint.CheckpointMismatchError(
+        f"workdir {workdir!r} holds a run (checkpoint of step {step}) made with other settings: "
+        f"{'; '.join(refused)}. Resume with the settings it was trained with, or start a new --workdir; "
+        f"a resumed run may change only {', '.join(RESUMABLE_CHANGES)}."
+    )
+
+
+def refuse_other_data(saved: dict | None, config, workdir: str, step: int) -> None:
+    """Refuse a resume from a checkpoint (its `saved` config) trained on other data (DATA_FIELDS)."""
+    if saved:
+        refused = [r for r in resume_changes(saved, config)[0] if r.split(":", 1)[0] in DATA_FIELDS]
+        if refused:
+            raise refused_resume(workdir, step, refused)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -122,6 +122,34 @@ def test_a_resume_that_would_change_the_run_is_one_line_and_changes_nothing(
     assert all((after[k] == v).all() for k, v in before.items())
 
 
+def _files(folder) -> dict:
+    """{relative path: (size, mtime)} of the files under `folder`, but the log and the lock."""
+    return {
+        os.path.relpath(os.path.join(root, f), folder): os.stat(os.path.join(root, f))[6:9:2]
+        for root, _, names in os.walk(folder)
+        for f in names
+        if not f.startswith(("train.", ".train."))
+    }
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_dataset_is_refused_before_anything_is_prepared(prepared, reference, tmp_path):
+    """Before issue 38 the other corpus was prepared into <workdir>/tfds first, then refused."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.tsv").write_text("In the beginning\tIm Anfang\nGod said\tGott sprach\n")
+    workdir = str(tmp_path / "other_data")
+    shutil.copytree(reference, workdir)
+    before = _files(workdir)
+    other = ("--config.dataset_name=tsv_translate", f"--config.manual_dir={corpus}", "--config.data_dir=")
+    err = runs.finish(runs.start(workdir, prepared, *other), expect_ok=False)
+    last = _last_line(err)
+    assert last.startswith(f"error: workdir {workdir!r} holds a run (checkpoint of step {STEPS}) made with")
+    assert "dataset_name: 'bible_translate/en-de' -> 'tsv_translate'" in last, err[-2000:]
+    assert f"manual_dir: '' -> '{corpus}'" in last and "Traceback" not in err
+    assert _files(workdir) == before  # nothing prepared, trained or written
+
+
 @pytest.mark.slow
 def test_a_tokenizer_trained_with_another_vocab_size_is_not_reused(prepared, tmp_path):
     """The workdir's spm.model was trained here with vocab 400; asking for 300 is refused at once."""
