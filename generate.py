@@ -8,7 +8,9 @@
     echo "Hello" | python generate.py --hf_dir=path/to/opus-mt-en-de --length_penalty=hf --alpha=1
 
 One output line per input line, always. Empty lines give empty outputs; lines longer than the
-config's max_length are trimmed; bytes that are not UTF-8 are replaced; all are counted on stderr.
+config's max_length are trimmed (forced --prefix targets to max_decode_length - 1 pieces); bytes that
+are not UTF-8 are replaced; all are counted on stderr. A failed --plot_attention is an error after
+every line is answered.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from flaxformer_lite import cli, decoding, ensemble, experiment, outputs, tasks
+from flaxformer_lite import cli, decoding, ensemble, experiment, files, outputs, tasks
 from flaxformer_lite.ids import EOS_ID
 
 
@@ -79,7 +81,8 @@ def run(
         more = ensemble.load(exp, list(shown.ensemble), checkpoint=checkpoint, weights=weights)
         models, params = models + more[0], params + more[1]
     if exp.task.translates:
-        one = _translator(exp, models, params, tokenize, shown, options)
+        counts["prefixes_trimmed"] = 0
+        one = _translator(exp, models, params, tokenize, shown, options, counts)
     else:
         one = _continuer(exp, models, params, shown, counts, seed, options)
     for i, text in enumerate(cli.text_lines(lines, counts)):
@@ -94,17 +97,29 @@ def run(
         out.flush()
     counts["trimmed"] += tokenize.stats.trimmed
     counts["byte_fallback_tokens"] += tokenize.stats.byte_fallback_tokens
-    if any(counts[k] for k in ("empty", "trimmed", "byte_fallback_tokens", "replaced_bytes")):
+    keys = ("empty", "trimmed", "byte_fallback_tokens", "replaced_bytes", "prefixes_trimmed")
+    if any(counts.get(k) for k in keys):
+        prefixes = (
+            f", {counts['prefixes_trimmed']} forced prefixes trimmed to {config.max_decode_length - 1} tokens"
+            if shown.prefix
+            else ""
+        )
         err.write(
             f"{counts['empty']} empty lines, {counts['trimmed']} lines trimmed to {max_length} tokens, "
             f"{counts['byte_fallback_tokens']} byte-fallback tokens (characters outside the vocabulary), "
-            f"{counts['replaced_bytes']} bytes that were not UTF-8 replaced\n"
+            f"{counts['replaced_bytes']} bytes that were not UTF-8 replaced{prefixes}\n"
+        )
+    if counts.get("plot_error"):  # after every line is answered: a failed map loses no translation
+        raise ValueError(
+            f"drawing the attention map of line {shown.plot_line} to {shown.plot_attention!r} failed "
+            f"({counts['plot_error']}); every line was translated"
         )
     return counts
 
 
-def _translator(exp, models, params, tokenize, shown, options):
-    """`one(i, line) -> output text` for a translation model (or ensemble), per `shown`."""
+def _translator(exp, models, params, tokenize, shown, options, counts):
+    """`one(i, line) -> output text` for a translation model (or ensemble), per `shown`; forced
+    prefixes trimmed and a failed attention map go into `counts`."""
     sp, config = exp.tokenizer, exp.config
     decode = tasks.translate_fn(
         models if len(models) > 1 else models[0], beam_size=options.get("beam_size", 4),
@@ -125,14 +140,22 @@ def _translator(exp, models, params, tokenize, shown, options):
         forced = None
         if shown.prefix:
             forced = np.zeros((1, config.max_decode_length), np.int32)
-            pieces = getattr(sp, "encode_targets", sp.encode)(prefix)[: config.max_decode_length - 1]
+            pieces = getattr(sp, "encode_targets", sp.encode)(prefix)
+            if len(pieces) > config.max_decode_length - 1:  # room for EOS
+                counts["prefixes_trimmed"] += 1
+                pieces = pieces[: config.max_decode_length - 1]
             forced[0, : len(pieces)] = pieces
         out = jax.device_get(decode(params, row) if forced is None else decode(params, row, forced))
         records = outputs.nbest_records(
             out, 0, shown.nbest, sp.decode, shown.attention_layer if shown.alignment else None, len(ids) - 1
         )
         if shown.plot_attention and i + 1 == shown.plot_line:
-            outputs.plot_sentence(shown.plot_attention, out, sp, ids, shown.attention_layer_names(models[0]))
+            try:
+                outputs.plot_sentence(
+                    shown.plot_attention, out, sp, ids, shown.attention_layer_names(models[0])
+                )
+            except Exception as e:  # noqa: BLE001  (reported once every line is answered)
+                counts["plot_error"] = files.reason(e)
         return outputs.format_records(i, text, records, shown)
 
     return one

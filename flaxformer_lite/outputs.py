@@ -65,6 +65,10 @@ class Shown:
                 bool(self.plot_attention) and not os.path.isdir(os.path.dirname(self.plot_attention) or "."),
                 f"--plot_attention={self.plot_attention}: its folder does not exist",
             ),
+            (
+                bool(self.plot_attention) and os.path.isdir(self.plot_attention),
+                f"--plot_attention={self.plot_attention} is a folder: name the PNG file to write in it",
+            ),
         )
         for bad, message in problems:
             if bad:
