@@ -49,16 +49,30 @@ def average(exp, steps: list[int], item: str = "params"):
     params. Every step must have been written by this model: shapes and architecture are checked."""
     abstract = training.abstract_params(exp.model, exp.task, exp.batch_shape, exp.mesh)
     ckpt = exp.checkpointer(save_every=1)
-    total = None
+    total, damaged = None, []
     try:
         for step in steps:
-            _, params = ckpt.restore_params(abstract, step=step, item=item)  # shapes, checksums
+            try:
+                _, params = ckpt.restore_params(abstract, step=step, item=item)  # shapes, checksums
+            except checkpoint.CheckpointMismatchError:
+                raise
+            except ValueError:  # unreadable (the warning above says why): the others are still read
+                damaged.append(step)
+                continue
             exp._check_model_matches(ckpt.saved_config(step), step)  # same shapes, other architecture
             host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float64), params)
             total = host if total is None else jax.tree.map(np.add, total, host)
         config = ckpt.saved_config(max(steps)) or {}
     finally:
         ckpt.close()
+    if damaged:
+        readable = sorted(set(steps) - set(damaged))
+        raise ValueError(
+            f"checkpoint step{'s' * (len(damaged) > 1)} {sorted(damaged)} in {ckpt.directory!r} "
+            f"{'are' if len(damaged) > 1 else 'is'} unreadable (see the warning above); steps {readable} "
+            "read fine. Average those: choose fewer steps, or move the damaged one out of the "
+            "checkpoints folder (to <step>.corrupt, as train.py does) and rerun"
+        )
     mean = jax.tree.map(lambda t, a: (t / len(steps)).astype(a.dtype), total, abstract)
     return jax.tree.map(lambda m, a: jax.device_put(m, a.sharding), mean, abstract), config
 

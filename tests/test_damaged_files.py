@@ -364,3 +364,21 @@ def test_average_on_a_full_disk_keeps_the_previous_average(prepared, reference, 
     ), line
     assert _contents(averaged) == before
     assert sorted(os.listdir(workdir)) == sorted([*os.listdir(reference), "averaged"])  # no averaged.new
+
+
+def test_average_over_a_damaged_step_names_it_and_the_readable_ones(prepared, reference, tmp_path):
+    """Before issue 38: "none of the checkpoints [16] ... is readable ... Train again in another
+    --workdir", although the other steps were fine."""
+    workdir = str(tmp_path / "work")
+    shutil.copytree(reference, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    last3 = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())[-3:]
+    for root, _, names in os.walk(os.path.join(checkpoints, str(last3[0]), "params")):
+        for name in names:
+            _damage(os.path.join(root, name), "truncated")
+    flags = ["--config=tests/tiny_config.py", f"--workdir={workdir}", f"--config.data_dir={prepared[0]}"]
+    proc = _script("-m", "flaxformer_lite.average", *flags, "--last=3")
+    line = _failed(proc)
+    assert line.startswith(f"error: checkpoint step [{last3[0]}] in {checkpoints!r} is unreadable"), line
+    assert f"steps {last3[1:]} read fine" in line and b"Train again" not in proc.stderr, line
+    assert not os.path.exists(os.path.join(workdir, "averaged"))
