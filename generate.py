@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from flaxformer_lite import cli, decoding, ensemble, experiment, files, outputs, tasks
+from flaxformer_lite import cli, decoding, ensemble, experiment, files, outputs, sharding, tasks
 from flaxformer_lite.ids import EOS_ID
 
 
@@ -167,8 +167,10 @@ def _continuer(exp, models, params, shown, counts, seed, options):
     sample = {k: options[k] for k in ("temperature", "top_k", "top_p") if k in options}
     max_new = options.get("max_new_tokens", 64)
     decode = jax.jit(
-        lambda p, x, k: decoding.lm_generate_outputs(
-            models, p, x, max_new, rng=k, ensemble_mode=shown.ensemble_mode, **sample
+        sharding.under_rules(
+            lambda p, x, k: decoding.lm_generate_outputs(
+                models, p, x, max_new, rng=k, ensemble_mode=shown.ensemble_mode, **sample
+            )
         )
     )
 
@@ -216,8 +218,10 @@ def run_hf(
     eos = eos if isinstance(eos, int) else -1  # -1: generate max_new_tokens, never stop early
     model = DecoderOnly(cfg)
     decode = jax.jit(
-        lambda p, x, k: decoding.lm_generate(
-            model, p, x, max_new_tokens, start_id=None, rng=k, eos_id=eos, **sample_kwargs
+        sharding.under_rules(
+            lambda p, x, k: decoding.lm_generate(
+                model, p, x, max_new_tokens, start_id=None, rng=k, eos_id=eos, **sample_kwargs
+            )
         )
     )
 

@@ -18,7 +18,7 @@ from flaxformer_lite import classification, cli, files, sharding
 
 # Jitted once per model (Linen modules hash by value), as evaluation.py's steps.
 _probabilities = jax.jit(
-    lambda params, batch, *, model: classification.probabilities(model, params, batch),
+    sharding.under_rules(lambda params, batch, *, model: classification.probabilities(model, params, batch)),
     static_argnames=("model",),
 )
 

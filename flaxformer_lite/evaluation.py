@@ -16,9 +16,11 @@ from flaxformer_lite.tasks import Task
 
 # Jitted once per (model, task): Linen modules hash by value, so repeated evaluations during
 # training reuse the compiled programs instead of recompiling for every new closure.
-_eval_step = jax.jit(training.eval_step, static_argnames=("model", "task"))
+_eval_step = jax.jit(sharding.under_rules(training.eval_step), static_argnames=("model", "task"))
 _greedy_translate = jax.jit(
-    lambda params, inputs, *, model, max_len: decoding.translate(model, params, inputs, max_len),
+    sharding.under_rules(
+        lambda params, inputs, *, model, max_len: decoding.translate(model, params, inputs, max_len)
+    ),
     static_argnames=("model", "max_len"),
 )
 

@@ -117,8 +117,10 @@ def score_examples(
     c = exp.config
     max_segments = max(1, min(max_segments or exp.model.config.max_segments, c.max_length))
     step = jax.jit(
-        functools.partial(
-            segment_log_probs, model=exp.inference_model, task=exp.task, max_segments=max_segments
+        sharding.under_rules(
+            functools.partial(
+                segment_log_probs, model=exp.inference_model, task=exp.task, max_segments=max_segments
+            )
         )
     )
     packed = pack(examples, rows=batch_size, max_length=c.max_length, max_segments=max_segments)

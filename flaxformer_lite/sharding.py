@@ -7,6 +7,7 @@ splits heads, mlp and vocab. The batch is split over data x fsdp.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -81,8 +82,10 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
 
 def under_rules(fn, rules=DEFAULT_RULES):
     """`fn`, traced under the logical axis rules: without them the models' activation constraints
-    (`nn.with_logical_constraint`) are silently no-ops and XLA picks the activations' shardings."""
+    (`nn.with_logical_constraint`) are silently no-ops and XLA picks the activations' shardings.
+    Every jit of a model function goes through it: train, eval and decode steps alike."""
 
+    @functools.wraps(fn)  # keeps the signature: jax.jit's static_argnames are looked up in it
     def wrapped(*args, **kwargs):
         with nn.logical_axis_rules(rules):
             return fn(*args, **kwargs)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxformer_lite import classification, decoding, ops
+from flaxformer_lite import classification, decoding, ops, sharding
 from flaxformer_lite.ids import MASK_ID
 from flaxformer_lite.models import DecoderOnly, EncoderDecoder, EncoderOnly
 
@@ -156,13 +156,15 @@ def translate_fn(
         )  # fmt: skip
         return out if outputs else out["tokens"][:, 0]
 
-    return jax.jit(decode)
+    return jax.jit(sharding.under_rules(decode))
 
 
 def continue_fn(model, *, max_new_tokens: int, **sample_kwargs) -> Callable:
     """Jitted (params, [B, P] prompt ids, rng) -> [B, max_new_tokens] sampled continuation."""
     return jax.jit(
-        lambda params, prompt, rng: decoding.lm_generate(
-            model, params, prompt, max_new_tokens, rng=rng, **sample_kwargs
+        sharding.under_rules(
+            lambda params, prompt, rng: decoding.lm_generate(
+                model, params, prompt, max_new_tokens, rng=rng, **sample_kwargs
+            )
         )
     )

@@ -91,3 +91,31 @@ def test_repetition_share_counts_texts_with_a_looping_3gram():
     assert metrics.repetition_share(texts) == 0.5
     assert metrics.repetition_share(texts, min_count=2) == 0.75
     assert metrics.repetition_share([]) == 0.0
+
+
+def _constraints(lowered) -> int:
+    """Activation sharding constraints in a lowered program (Shardy's or GSPMD's spelling)."""
+    text = lowered.as_text()
+    return text.count("sdy.sharding_constraint") + text.count("@Sharding")
+
+
+def test_eval_and_decode_programs_keep_the_models_activation_constraints():
+    """The logical axis rules must be active when the eval and decode steps are traced: without them
+    `nn.with_logical_constraint` is a no-op and, on a multi-device mesh, XLA picks the activations'
+    shardings (the train step had the rules, these did not)."""
+    model = fl.EncoderDecoder(fl.tiny(vocab_size=31, deterministic=True))
+    mesh = sharding.make_mesh(2, 2, 2)  # data x fsdp x tensor over the 8 test devices
+    inputs = jnp.ones((4, 9), jnp.int32)
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), inputs, inputs)["params"]))
+    batch = {"inputs": inputs, "targets": inputs}
+    for k in ("inputs", "targets"):
+        batch |= {f"{k}_segment_ids": jnp.ones_like(inputs), f"{k}_positions": jnp.zeros_like(inputs)}
+    with jax.set_mesh(mesh):
+        programs = {
+            "eval step": evaluation._eval_step.lower(params, batch, model=model, task=tasks.TRANSLATION),
+            "greedy": evaluation._greedy_translate.lower(params, inputs, model=model, max_len=6),
+            "beam": tasks.translate_fn(model, beam_size=2, alpha=0.6, max_decode_length=6).lower(
+                params, inputs
+            ),
+        }
+    assert {name: _constraints(p) > 0 for name, p in programs.items()} == dict.fromkeys(programs, True)
