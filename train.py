@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -43,11 +44,16 @@ def evaluate(exp, params, with_bleu: bool) -> dict:
         bleu = c.bleu_examples if c.bleu_examples > 0 else (0 if c.valid_metric in ("bleu", "chrf") else None)
     decode = {}
     if c.get("valid_beam_size", 1) > 1:
-        decode["decode_fn"] = tasks.translate_fn(
-            exp.inference_model, beam_size=c.valid_beam_size, alpha=0.6, max_decode_length=c.max_decode_length
-        )
+        decode["decode_fn"] = _beam_decoder(exp.inference_model, c.valid_beam_size, c.max_decode_length)
     result = evaluation.evaluate(exp, params, max_batches=c.eval_batches, bleu_examples=bleu, **decode)
     return {k: v for k, v in result.items() if k not in ("hypotheses", "sources", "references")}
+
+
+@functools.lru_cache(maxsize=4)
+def _beam_decoder(model, beam_size: int, max_decode_length: int):
+    """Validation's jitted beam search, built once per model (Linen modules hash by value): a new
+    translate_fn at each validation was a new jit, traced and compiled again every time."""
+    return tasks.translate_fn(model, beam_size=beam_size, alpha=0.6, max_decode_length=max_decode_length)
 
 
 def _eval_weights(state):

@@ -229,3 +229,22 @@ def test_users_own_text_files_train_end_to_end(tmp_path, task):
     )
     final = train.train_and_evaluate(config, str(tmp_path / "work"))
     assert np.isfinite(final["nll"]) and (task == "lm" or "bleu" in final)
+
+
+@pytest.mark.slow
+def test_validation_beam_search_is_traced_once_for_every_evaluation(prepared, reference, monkeypatch):
+    """valid_beam_size > 1 built a new jitted translate_fn at each validation: traced and compiled
+    again every eval_every steps."""
+    from flaxformer_lite import decoding, experiment
+
+    traced = []
+    real = decoding.translate_outputs
+    monkeypatch.setattr(decoding, "translate_outputs", lambda *a, **k: traced.append(1) or real(*a, **k))
+    config = tiny_config.get_config()
+    config.data_dir, config.valid_beam_size, config.bleu_examples, config.eval_batches = prepared[0], 2, 4, 1
+    exp = experiment.build(config, reference, tokenizer="load")
+    _, params = exp.restore_params()
+    first = train.evaluate(exp, params, with_bleu=True)
+    once = len(traced)
+    second = train.evaluate(exp, params, with_bleu=True)
+    assert len(traced) == once and first["bleu"] == second["bleu"]
