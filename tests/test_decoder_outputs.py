@@ -69,6 +69,17 @@ def test_greedy_outputs_score_the_greedy_hypothesis():
         )
 
 
+def test_sampling_options_with_beam_search_are_an_error_not_ignored():
+    """Beam search is deterministic: a temperature or top_p given with beams > 1 did nothing, silently."""
+    model, params, src = _tiny()
+    with pytest.raises(
+        ValueError, match=r"sampling options \(rng, temperature\) with beam search \(3 beams\)"
+    ):
+        decoding.translate_outputs(model, params, src, 10, beams=3, temperature=0.7, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"sampling options \(top_p\) with beam search"):
+        decoding.translate_outputs(model, params, src, 10, search="beam", top_p=0.9)
+
+
 def test_ensemble_of_a_model_with_itself_equals_the_model():
     model, params, src = _tiny()
     one = jax.jit(lambda p, x: decoding.translate_outputs(model, p, x, 10, beams=3))(params, src)

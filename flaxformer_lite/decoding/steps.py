@@ -151,12 +151,13 @@ def translate_outputs(
 ) -> dict:
     """Translate [B, S] source ids with one model or an ensemble (lists of models and params).
 
-    beams > 1 (or search="beam"): beam search; else greedy, or sampling with `sample_kwargs`
-    (temperature, top_k, top_p, rng). Returns, hypotheses best first (K = beams, 1 for greedy/sampling):
-    "tokens" [B, K, L], "token_logp" [B, K, L], "logp" [B, K] (their sum: log P(hypothesis|source)),
-    "scores" [B, K] (logp / length_penalty, as the beam ranks), "valid" [B, K], and with
-    `attention` "attention" [B, K, L, A, S]. `forced` [B, L]: target prefixes (0 = free), kept
-    verbatim and scored; `max_lengths` [B] caps each output (beam search only).
+    beams > 1 (or search="beam"): beam search (sampling options are an error); else greedy, or
+    sampling with `sample_kwargs` (temperature, top_k, top_p, rng). Returns, hypotheses best first
+    (K = beams, 1 for greedy/sampling): "tokens" [B, K, L], "token_logp" [B, K, L], "logp" [B, K]
+    (their sum: log P(hypothesis|source)), "scores" [B, K] (logp / length_penalty, as the beam
+    ranks), "valid" [B, K], and with `attention` "attention" [B, K, L, A, S]. `forced` [B, L]:
+    target prefixes (0 = free), kept verbatim and scored; `max_lengths` [B] caps each output (beam
+    search only).
     """
 
     members = []
@@ -168,6 +169,12 @@ def translate_outputs(
     step_fn, cache = _ensemble(make, models, params, ensemble_mode)
     B = inputs.shape[0]
     if beams > 1 or search == "beam":
+        given = sorted(k for k, v in sample_kwargs.items() if v is not None)
+        if given:  # beam search is deterministic: it would decode as if they were not there
+            raise ValueError(
+                f"sampling options ({', '.join(given)}) with beam search ({beams} beams): beam search "
+                "takes none; sample with beams=1, or leave them out"
+            )
         out = beam_search_outputs(
             step_fn, cache, B, beams, max_len, alpha=alpha, max_lengths=max_lengths, eos_id=eos_id,
             penalty=penalty, forced=forced,
