@@ -17,6 +17,7 @@ SentencePiece's batch encoder (memory: the offsets, 8 bytes per example and feat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,8 @@ import time
 import numpy as np
 import tqdm
 from absl import logging
+
+from flaxformer_lite import files
 
 CHUNK = 8192  # examples read and encoded at a time
 VERSION = 1
@@ -52,33 +55,46 @@ def source_id(source) -> str:
 
 
 def build(source, sp, features: dict[str, str], folder: str) -> None:
-    """Tokenize every example of `source` (name -> feature to read) into `folder` (see module doc)."""
+    """Tokenize every example of `source` (name -> feature to read) into `folder` (see module doc).
+
+    A failed write (a full disk) removes what was written and raises one OSError saying so.
+    """
+    tmp = f"{folder}.incomplete{os.getpid()}"
+    try:
+        _build(source, sp, features, folder, tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, files.UnreadableFileError):
+            raise
+        raise OSError(
+            f"writing the token cache {folder} failed ({files.reason(e)}); nothing of it was kept and "
+            "the prepared data and checkpoints are untouched: free space and rerun"
+        ) from e
+
+
+def _build(source, sp, features: dict[str, str], folder: str, tmp: str) -> None:
     n, vocab = len(source), sp.get_piece_size()
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
-    tmp = f"{folder}.incomplete{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     byte_ids = np.array([sp.is_byte(i) for i in range(vocab)])
-    outs = {name: open(os.path.join(tmp, f"{name}.ids"), "wb") for name in features}
     offsets = {name: [np.zeros(1, np.int64)] for name in features}
-    totals = dict.fromkeys(features, 0)
-    byte_fallback = 0
-    start = time.time()
+    totals, byte_fallback, start = dict.fromkeys(features, 0), 0, time.time()
     bar = tqdm.tqdm(total=n, desc="tokenizing", unit=" examples", mininterval=2.0, leave=False)
-    for lo in range(0, n, CHUNK):
-        columns = _read_texts(source, lo, min(lo + CHUNK, n), list(features.values()))
-        for (name, _), texts in zip(features.items(), columns, strict=True):
-            ids = sp.encode(texts)
-            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-            flat = np.fromiter((t for row in ids for t in row), dtype, int(lengths.sum()))
-            byte_fallback += int(byte_ids[flat].sum())
-            flat.tofile(outs[name])
-            offsets[name].append(totals[name] + np.cumsum(lengths))
-            totals[name] += int(lengths.sum())
-        bar.update(len(texts))
-    bar.close()
-    for name, f in outs.items():
-        f.close()
+    with bar, contextlib.ExitStack() as stack:
+        outs = {name: stack.enter_context(open(os.path.join(tmp, f"{name}.ids"), "wb")) for name in features}
+        for lo in range(0, n, CHUNK):
+            columns = _read_texts(source, lo, min(lo + CHUNK, n), list(features.values()))
+            for name, texts in zip(features, columns, strict=True):
+                ids = sp.encode(texts)
+                lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+                flat = np.fromiter((t for row in ids for t in row), dtype, int(lengths.sum()))
+                byte_fallback += int(byte_ids[flat].sum())
+                outs[name].write(flat.tobytes())  # an OSError naming its errno on a full disk
+                offsets[name].append(totals[name] + np.cumsum(lengths))
+                totals[name] += int(lengths.sum())
+            bar.update(len(columns[0]))
+    for name in features:
         np.concatenate(offsets[name]).tofile(os.path.join(tmp, f"{name}.offsets"))
     meta = {
         "version": VERSION, "examples": n, "dtype": np.dtype(dtype).name, "features": features,

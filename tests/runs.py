@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,8 @@ def prepared(session_dir):
         if not (root / "prep" / "spm.model").exists():
             config = tiny_config.get_config()
             config.data_dir = str(root / "tfds")
-            experiment.build(config, str(root / "prep"))  # prepares the data, trains spm.model
+            exp = experiment.build(config, str(root / "prep"))  # prepares the data, trains spm.model
+            exp.token_cache(config.train_split)  # and tokenizes the train split (copied into each run)
     return str(root / "tfds"), str(root / "prep" / "spm.model")
 
 
@@ -92,6 +94,9 @@ def start(workdir, prepared, *extra, devices=8, **variables):
     os.makedirs(workdir, exist_ok=True)
     if not os.path.exists(os.path.join(workdir, "spm.model")):
         os.link(prepared[1], os.path.join(workdir, "spm.model"))
+    tokens = os.path.join(os.path.dirname(prepared[1]), "tokens")
+    if not os.path.exists(os.path.join(workdir, "tokens")):
+        shutil.copytree(tokens, os.path.join(workdir, "tokens"))
     return subprocess.Popen(
         command(workdir, prepared, *extra),
         cwd=ROOT,

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import time
 
 import numpy as np
@@ -124,6 +125,21 @@ def test_two_processes_with_four_devices_each_equal_one_process_with_eight(prepa
     _assert_same_run(workdir, reference, exact=False)
     final = json.load(open(os.path.join(workdir, "final_metrics.json")))
     assert 0 <= final["bleu"] <= 100 and final["examples"] == 4
+
+
+def test_disk_full_while_tokenizing_the_train_split_is_one_clear_line(prepared, tmp_path):
+    workdir = str(tmp_path / "full_tokens")
+    os.makedirs(workdir)
+    os.link(prepared[1], os.path.join(workdir, "spm.model"))  # no token cache: train.py writes it
+    proc = subprocess.Popen(
+        runs.command(workdir, prepared), cwd=runs.ROOT, env=runs.environment(FAULT_MAX_FILE_BYTES="3000"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    err = runs.finish(proc, expect_ok=False)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("error: writing the token cache "), err[-2000:]
+    assert "File too large" in last and "free space and rerun" in last and "Traceback" not in err
+    assert os.listdir(os.path.join(workdir, "tokens")) == []  # nothing half-written is left
 
 
 def test_disk_full_during_a_checkpoint_write_is_one_clear_line(prepared, tmp_path):

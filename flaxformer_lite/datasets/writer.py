@@ -29,6 +29,8 @@ import tqdm
 from absl import logging
 from tensorflow_datasets.core import example_serializer, hashing
 
+from flaxformer_lite import files
+
 BUFFER_BYTES = 256 << 20  # a split whose examples fit is shuffled by key hash like TFDS's writer
 SHARD_BYTES = 512 << 20  # bytes of serialized examples per array_record shard
 
@@ -42,14 +44,11 @@ class StreamingBuilder(tfds.core.GeneratorBasedBuilder):
         infos = [self._write_split(name, examples) for name, examples in generators.items()]
         self.info.set_splits(tfds.core.SplitDict(infos))
 
-    def _write_split(self, split: str, examples) -> tfds.core.SplitInfo:
+    def _stream(self, split: str, examples, shards: _ShardWriter, bar) -> None:
+        """Serialize and write every example; ordered by hashed key while they fit in the buffer."""
         features = self.info.features
         serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-        template = self._get_filename_template(split)
-        shards = _ShardWriter(template, split)
         buffer, buffered, hasher = [], 0, hashing.Hasher(split)
-        bar = tqdm.tqdm(desc=f"preparing {self.name} {split}", unit=" examples", mininterval=2.0, leave=False)
-        start = time.time()
         for key, example in examples:
             data = serializer.serialize_example(features.encode_example(example))
             bar.update(1)
@@ -70,7 +69,15 @@ class StreamingBuilder(tfds.core.GeneratorBasedBuilder):
             _check_unique_keys(buffer, self.name, split)
             for _, data in sorted(buffer):
                 shards.write(data)
-        bar.close()
+
+    def _write_split(self, split: str, examples) -> tfds.core.SplitInfo:
+        template = self._get_filename_template(split)
+        shards = _ShardWriter(template, split)
+        start = time.time()
+        with tqdm.tqdm(
+            desc=f"preparing {self.name} {split}", unit=" examples", mininterval=2.0, leave=False
+        ) as bar:
+            self._stream(split, examples, shards, bar)
         info = shards.finish()
         seconds = time.time() - start
         logging.info(
@@ -98,7 +105,13 @@ class _ShardWriter:
     def write(self, data: bytes) -> None:
         if self._writer is None or self._shard_bytes >= SHARD_BYTES:
             self._open()
-        self._writer.write(data)
+        try:
+            self._writer.write(data)
+        except Exception as e:  # noqa: BLE001  (array_record reports a full disk as it can)
+            raise OSError(
+                f"writing {self.paths[-1]} failed ({files.reason(e)}); nothing was prepared: free space "
+                "and rerun (preparation starts again)"
+            ) from e
         self.lengths[-1] += 1
         self._shard_bytes += len(data)
         self.bytes += len(data)
