@@ -207,13 +207,18 @@ def probabilities(model, params, batch) -> tuple[jax.Array, jax.Array, jax.Array
 # ------------------------------------------------------------------------------ optimizer, metrics
 
 
-def freeze_body(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`tx` on the head's params (HEAD_PARAMS) only; the body's updates are zero (frozen)."""
+def freeze_body(
+    tx: optax.GradientTransformation, new: frozenset[str] = frozenset()
+) -> optax.GradientTransformation:
+    """`tx` on the head's params (HEAD_PARAMS) and on `new` ("encoder/token_types/embedding", ...:
+    the body's params the pretrained model lacked, freshly initialised, so trained); the pretrained
+    body's updates are zero (frozen)."""
 
     def labels(params):
         def label(path, _):
             top = getattr(path[0], "key", None)
-            return "head" if top in HEAD_PARAMS else "body"
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            return "head" if top in HEAD_PARAMS or name in new else "body"
 
         return jax.tree_util.tree_map_with_path(label, params)
 

@@ -294,7 +294,8 @@ class Experiment:
                 raise refused_resume(self.workdir, step, refused)
             if allowed:
                 logging.info("resuming with changed run settings: %s", "; ".join(allowed))
-        tx, schedule = make_optimizer(config, self.model.config.d_model)
+        new = _new_params(config, self.workdir, self.model, self.task)
+        tx, schedule = make_optimizer(config, self.model.config.d_model, new)
         return dataclasses.replace(self, config=config, tx=tx, schedule=schedule)
 
     def restore_params(self, step: int | None = None, *, checkpoint: str = "last", weights: str = "auto"):
@@ -372,6 +373,18 @@ class Experiment:
             )
 
 
+def _new_params(config, workdir: str | None, model, task) -> tuple[str, ...]:
+    """With freeze_body: the model's params the pretrained source lacks, trained with the head."""
+    if not config.get("freeze_body"):
+        return ()
+    batch = task.example_batch(1, config.max_length)
+    shapes = nn.unbox(jax.eval_shape(lambda: task.init(model, jax.random.key(0), batch)["params"]))
+    names = [
+        "/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(shapes)
+    ]
+    return init_from.new_params(config, workdir, names)
+
+
 def _weights_item(weights: str) -> str:
     """The checkpoint item to read: "ema", "params", or "auto" (the average where the step read holds
     one; decided per step, since the step read may not be the newest listed)."""
@@ -421,7 +434,8 @@ def build(
                 f"bad config: init_from_hf={config.init_from_hf!r} holds a {imported.__name__} model, but "
                 f"task={task.name!r} trains a {task.model_class.__name__}; set --config.task to match."
             )
-    tx, schedule = make_optimizer(config, model.config.d_model)
+    new = _new_params(config, workdir, model, task) if tokenizer == "train" else ()  # readers: no updates
+    tx, schedule = make_optimizer(config, model.config.d_model, new)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, devices)
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % split or (config.batch_size // config.grad_accum_steps) % split:

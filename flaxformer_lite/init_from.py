@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import json
 import os
 import shutil
 
@@ -18,6 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+
+from flaxformer_lite import files
 
 NEW_HEADS = ("classifier",)  # never copied: the task's own output layer (its classes are new)
 # Fields that may differ between a pretrained body and the model it starts: how it runs, the head.
@@ -97,6 +100,35 @@ def check_architecture(init_from: str, model_cfg, family: str) -> None:
             f"bad config: init_from={init_from!r} holds another model: {'; '.join(differ)}. Use its model "
             "settings (--config.model.preset / --config.model.overrides.*)."
         )
+
+
+def new_params(config, workdir: str | None, names) -> tuple[str, ...]:
+    """Of our model's flat param `names`, those the pretrained source (init_from or init_from_hf)
+    lacks: freshly initialised when fine-tuning starts, so trained even with freeze_body. Saved in
+    <workdir>/init_from.new_params.json the first time, so a resumed run builds the same optimizer
+    even when the source has gone since; () without a source."""
+    saved = os.path.join(workdir, "init_from.new_params.json") if workdir else None
+    if saved and os.path.isfile(saved):
+        return tuple(files.read_json(saved, "delete it and rerun (it is written again from init_from)"))
+    if config.get("init_from"):
+        step = _newest_step(config.init_from)
+        folder = os.path.join(os.path.abspath(config.init_from), "checkpoints", str(step))
+        import orbax.checkpoint as ocp
+
+        meta = ocp.StandardCheckpointer().metadata(os.path.join(folder, "params"))
+        meta = getattr(meta, "item_metadata", meta)  # a tree of array metadata (not a dict)
+        theirs = {"/".join(map(str, path)) for path in _paths(meta)}
+    elif config.get("init_from_hf"):
+        from flaxformer_lite.interop import hf
+
+        theirs = set(hf.param_names(config.init_from_hf))
+    else:
+        return ()
+    new = tuple(sorted(n for n in names if n not in theirs))
+    if saved and jax.process_index() == 0:
+        with open(saved, "w") as f:
+            json.dump(list(new), f)
+    return new
 
 
 def read_params(init_from: str) -> tuple[int, dict]:

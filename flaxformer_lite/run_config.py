@@ -203,8 +203,11 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     return cfg if cfg.max_len >= need_len else cfg.replace(max_len=need_len)
 
 
-def make_optimizer(config, d_model: int):
-    """(tx, schedule) as configured (the cosine decays over schedule_steps, or num_train_steps if 0)."""
+def make_optimizer(config, d_model: int, new_params: tuple[str, ...] = ()):
+    """(tx, schedule) as configured (the cosine decays over schedule_steps, or num_train_steps if 0).
+
+    new_params: with freeze_body, the body's params the pretrained model lacks (trained, not frozen:
+    `init_from.new_params`)."""
     schedule = training.make_schedule(
         config.schedule,
         d_model=d_model,
@@ -223,5 +226,5 @@ def make_optimizer(config, d_model: int):
     if config.get("freeze_body"):  # fine-tune the classification head alone
         from flaxformer_lite.classification import freeze_body
 
-        tx = freeze_body(tx)
+        tx = freeze_body(tx, frozenset(new_params))
     return tx, schedule

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from optax.transforms import MaskedNode
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -76,8 +77,14 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
 
     The result has the *unboxed* structure, matching `nn.unbox(tree)`.
     """
-    specs = nn.get_partition_spec(abstract_boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    # A frozen parameter's optimizer state (optax.masked, freeze_body) is a MaskedNode, boxed by init
+    # like the parameter: unboxed it is a leafless node, which must get no sharding either.
+    tree = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) and isinstance(x.value, MaskedNode) else x,
+        abstract_boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, rules)
 
 
 def under_rules(fn, rules=DEFAULT_RULES):

@@ -3,6 +3,7 @@ the Bible classification builders' splits, tsv_classify, eval.py and generate.py
 
 import collections
 import io
+import json
 import os
 
 import jax
@@ -356,6 +357,44 @@ def test_init_from_another_model_or_vocabulary_is_a_one_line_error(tmp_path):
     lm_params = _checkpoint_params(lm, 2)
     np.testing.assert_array_equal(loaded["token_embed"]["embedding"], lm_params["token_embed/embedding"])
     assert isinstance(exp.model, DecoderOnly)
+
+
+def _flat_names(tree) -> dict:
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in p): v
+        for p, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+@pytest.mark.slow
+def test_freeze_body_trains_the_body_params_the_pretrained_model_lacks(tmp_path):
+    """A pretrained checkpoint without token-type embeddings: ours start fresh, so freeze_body must
+    train them with the head (it froze every param outside HEAD_PARAMS, random ones included)."""
+    from flax import traverse_util
+
+    config = _config(tmp_path, task="classify", dataset_name="bible_paraphrase")
+    pretrained = tmp_path / "pretrained"
+    state, _ = experiment.build(config, str(pretrained)).init_state(jax.random.key(0))
+    flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    lacking = sorted(n for n in flat if "token_types" in n)
+    assert lacking  # BODY has type_vocab_size=2
+    kept = traverse_util.unflatten_dict({n: v for n, v in flat.items() if n not in lacking}, sep="/")
+    ocp.StandardCheckpointer().save(pretrained / "checkpoints" / "1" / "params", kept)
+    ocp.StandardCheckpointer().wait_until_finished()
+
+    config = _config(tmp_path, task="classify", dataset_name="bible_paraphrase", init_from=str(pretrained))
+    config.freeze_body = True
+    work = tmp_path / "work"
+    exp = experiment.build(config, str(work))
+    params = exp.init_state(jax.random.key(1))[0].params
+    updates, _ = exp.tx.update(jax.tree.map(jnp.ones_like, params), exp.tx.init(params), params)
+    moved = {n: bool(np.any(np.asarray(u) != 0)) for n, u in _flat_names(updates).items()}
+    want = {n: n.split("/")[0] in classification.HEAD_PARAMS or n in lacking for n in moved}
+    assert moved == want
+    assert (
+        sorted(n for n in json.load(open(work / "init_from.new_params.json")) if "token_types" in n)
+        == lacking
+    )
 
 
 def test_init_from_a_run_whose_layers_are_laid_out_otherwise_is_an_error():

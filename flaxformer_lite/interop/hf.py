@@ -154,6 +154,11 @@ def _read_config(path: str) -> dict:
     return hf
 
 
+def param_names(path: str) -> list[str]:
+    """Our flat param names ("decoder/layer_0/mlp/wo/kernel") that `from_hf(path)` gives (config only)."""
+    return list(_param_shapes(config_from_dir(path)))
+
+
 def config_from_dir(path: str) -> ModelConfig:
     """The ModelConfig of a transformers checkpoint directory (its config.json only)."""
     return _config_of(path, _read_config(path))
