@@ -153,3 +153,22 @@ def test_errors_of_threads_and_finalizers_at_exit_stay_off_the_error_line(tmp_pa
     assert proc.stderr == "error: [Errno 27] File too large\n", proc.stderr
     logged = log.read_text()
     assert "Event loop is closed" in logged and "ZeroDivisionError" in logged, logged
+
+
+def test_the_dataset_cli_prepares_a_corpus_where_train_py_reads_it(tmp_path):
+    """`python -m flaxformer_lite.datasets tsv_translate --manual_dir=...` prepared into <data_dir>, where
+    train.py never looks (it reads <data_dir>/source-<hash>), so train.py prepared it again."""
+    from flaxformer_lite import datasets
+
+    corpus, data_dir = str(tmp_path / "corpus"), str(tmp_path / "tfds")
+    _tsv_corpus(corpus, b"In the end\tAm Ende\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flaxformer_lite.datasets", "tsv_translate", f"--manual_dir={corpus}",
+         f"--data_dir={data_dir}"],
+        cwd=runs.ROOT, env=runs.environment(), capture_output=True, timeout=runs.TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where = datasets.prepared_dir(data_dir, manual_dir=corpus)  # what train.py opens for this corpus
+    assert where != data_dir and os.path.isdir(os.path.join(where, "tsv_translate"))
+    assert sorted(os.listdir(data_dir)) == [os.path.basename(where)]
+    assert b"tsv_translate train: 40 examples" in proc.stdout

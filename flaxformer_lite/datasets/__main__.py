@@ -24,7 +24,10 @@ def main() -> None:
     kwargs = {"manual_dir": args.manual_dir} if args.manual_dir else {}
     if args.db_path:
         kwargs["db_path"] = args.db_path
-    data_dir = os.path.expanduser(args.data_dir)
+    # Where train.py, eval.py and generate.py look for it: a corpus of your files (or a bible.db of
+    # your choice) goes to <data_dir>/source-<hash of its files>, not to <data_dir> itself.
+    data_dir = datasets.prepared_dir(os.path.expanduser(args.data_dir), **kwargs)
+    print(f"preparing into {data_dir}")
     for split in ("train", "validation", "test"):
         try:
             source = datasets.open_source(args.name, split, data_dir, **kwargs)
