@@ -304,24 +304,25 @@ class Checkpointer:
                 items["opt"] = ocp.args.StandardRestore(opt)
                 if abstract_state.ema_params is not None and "ema" in saved:
                     items["ema"] = ocp.args.StandardRestore(abstract_state.ema_params)
-            if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             out = self.manager.restore(s, args=ocp.args.Composite(**items))
             if "state" in out and out["state"] is not None:
-                _check_finite({"params": out["state"].params, "opt": out["state"].opt_state})
-                return out["state"]
-            arrays = {name: out[name] for name in ("params", "opt", "ema") if name in items}
-            self._verify(s, arrays)
-            _check_finite(arrays)
-            ema = None  # a run that starts keeping an average starts it from the params (a copy: donated)
-            if abstract_state.ema_params is not None:
-                ema = out["ema"] if "ema" in items else jax.tree.map(jnp.copy, out["params"])
-            return abstract_state.replace(
-                step=out["opt"]["step"],
-                params=out["params"],
-                opt_state=out["opt"]["opt_state"],
-                ema_params=ema,
-            )
+                state = out["state"]
+                _check_finite({"params": state.params, "opt": state.opt_state})
+            else:
+                arrays = {name: out[name] for name in ("params", "opt", "ema") if name in items}
+                self._verify(s, arrays)
+                _check_finite(arrays)
+                ema = None  # a run that starts keeping an average starts from the params (a copy: donated)
+                if abstract_state.ema_params is not None:
+                    ema = out["ema"] if "ema" in items else jax.tree.map(jnp.copy, out["params"])
+                state = abstract_state.replace(
+                    step=out["opt"]["step"], params=out["params"], opt_state=out["opt"]["opt_state"],
+                    ema_params=ema,
+                )  # fmt: skip
+            if data_iterator is not None:  # last: a step found damaged above never moves the iterator
+                data = grain.checkpoint.CheckpointRestore(data_iterator)
+                self.manager.restore(s, args=ocp.args.Composite(data=data))
+            return state
 
         return self._newest_readable(read, step)
 
