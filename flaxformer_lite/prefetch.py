@@ -18,8 +18,7 @@ class DevicePrefetch:
     `get_state()` is the state after the last batch *handed over*, not after the ones made ahead,
     so a checkpoint resumes with exactly the batch after the last one trained on. It is JSON bytes,
     which grain's orbax `CheckpointHandler` writes as it is (the same file a grain iterator's state
-    makes), and `set_state` reads it back before the thread starts (`start_prefetch`, which that
-    handler calls after restoring, or the first `next()`). An error in the thread (an unreadable
+    makes), and `set_state` reads it back before the thread starts (at the first `next()`). An error in the thread (an unreadable
     shard, a split with nothing usable) is raised by the `next()` that would have returned its batch.
     """
 
@@ -32,6 +31,10 @@ class DevicePrefetch:
         self._stop = threading.Event()
 
     def start_prefetch(self) -> None:
+        """Nothing until the first `next()`: a restore that fails after `set_state` (a damaged step)
+        may be followed by `set_state` from an older step."""
+
+    def _start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._fill, name="device-prefetch", daemon=True)
             self._thread.start()
@@ -54,7 +57,7 @@ class DevicePrefetch:
         return self
 
     def __next__(self):
-        self.start_prefetch()
+        self._start()
         start = time.perf_counter()
         batch, state, error = self.queue.get()
         self.wait_s += time.perf_counter() - start

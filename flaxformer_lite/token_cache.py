@@ -80,7 +80,7 @@ def _build(source, sp, features: dict[str, str], folder: str, tmp: str) -> None:
     byte_ids = np.array([sp.is_byte(i) for i in range(vocab)])
     offsets = {name: [np.zeros(1, np.int64)] for name in features}
     totals, byte_fallback, start = dict.fromkeys(features, 0), 0, time.time()
-    bar = tqdm.tqdm(total=n, desc="tokenizing", unit=" examples", mininterval=2.0, leave=False)
+    bar = tqdm.tqdm(total=n, desc="tokenizing", unit=" examples", mininterval=2.0, leave=False, disable=None)
     with bar, contextlib.ExitStack() as stack:
         outs = {name: stack.enter_context(open(os.path.join(tmp, f"{name}.ids"), "wb")) for name in features}
         for lo in range(0, n, CHUNK):

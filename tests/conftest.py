@@ -1,6 +1,7 @@
 """Strict JAX settings and 8 fake CPU devices for every test (set before JAX initialises)."""
 
 import os
+import tempfile
 
 # Tiny models: compiling dominates, so XLA's CPU back end skips its LLVM optimisations (init of a
 # tiny EncoderDecoder compiles in 1.1 s instead of 2.7 s). Subprocess runs inherit the flags.
@@ -14,6 +15,12 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same tiny programs (in both xdist workers and in the train.py processes they
+# start, tests/runs.py): compile each once per machine and load it after that.
+jax.config.update(
+    "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "flaxformer_lite_test_jax_cache")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 import pytest  # noqa: E402

@@ -99,7 +99,13 @@ def _damage(path, how):
 
 
 def _prepared_file(data_dir, suffix):
-    (path,) = [os.path.join(root, f) for root, _, names in os.walk(data_dir) for f in names if suffix in f]
+    """The fixture's bible_translate file (other tests may prepare their corpora in the same data dir)."""
+    (path,) = [
+        os.path.join(root, f)
+        for root, _, names in os.walk(data_dir)
+        for f in names
+        if suffix in f and f"{os.sep}bible_translate{os.sep}" in os.path.join(root, "")
+    ]
     return path
 
 

@@ -75,7 +75,11 @@ class StreamingBuilder(tfds.core.GeneratorBasedBuilder):
         shards = _ShardWriter(template, split)
         start = time.time()
         with tqdm.tqdm(
-            desc=f"preparing {self.name} {split}", unit=" examples", mininterval=2.0, leave=False
+            desc=f"preparing {self.name} {split}",
+            unit=" examples",
+            mininterval=2.0,
+            leave=False,
+            disable=None,
         ) as bar:
             self._stream(split, examples, shards, bar)
         info = shards.finish()
