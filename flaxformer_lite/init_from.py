@@ -118,6 +118,10 @@ def new_params(config, workdir: str | None, names) -> tuple[str, ...]:
         meta = ocp.StandardCheckpointer().metadata(os.path.join(folder, "params"))
         meta = getattr(meta, "item_metadata", meta)  # a tree of array metadata (not a dict)
         theirs = {"/".join(map(str, path)) for path in _paths(meta)}
+        if not theirs:  # unreadable metadata must not unfreeze the whole body
+            raise ValueError(
+                f"cannot read the parameter names of {folder}/params (init_from); is it complete?"
+            )
     elif config.get("init_from_hf"):
         from flaxformer_lite.interop import hf
 

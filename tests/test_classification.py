@@ -379,8 +379,9 @@ def test_freeze_body_trains_the_body_params_the_pretrained_model_lacks(tmp_path)
     lacking = sorted(n for n in flat if "token_types" in n)
     assert lacking  # BODY has type_vocab_size=2
     kept = traverse_util.unflatten_dict({n: v for n, v in flat.items() if n not in lacking}, sep="/")
-    ocp.StandardCheckpointer().save(pretrained / "checkpoints" / "1" / "params", kept)
-    ocp.StandardCheckpointer().wait_until_finished()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(pretrained / "checkpoints" / "1" / "params", kept)
+    ckptr.wait_until_finished()
 
     config = _config(tmp_path, task="classify", dataset_name="bible_paraphrase", init_from=str(pretrained))
     config.freeze_body = True
