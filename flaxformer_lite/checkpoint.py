@@ -113,33 +113,6 @@ class _BestScores:
         return [i in keep for i in range(len(checkpoints))]
 
 
-@jax.jit
-def _finite_flags(tree) -> list:
-    return [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-
-
-def _check_finite(items: dict) -> None:
-    """Raise if a floating-point array of the restored `items` ({name: tree}) holds a NaN or inf.
-
-    A step whose checksums match its files can still hold NaN (saved so, or damaged before the
-    checksums caught every change): restoring it would fail at the next step or evaluate to NaN, so
-    it is treated as damaged. One jitted pass, one flag per array."""
-    pairs = [
-        (f"{name}{jax.tree_util.keystr(p)}", x)
-        for name, tree in items.items()
-        for p, x in jax.tree_util.tree_leaves_with_path(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    if not pairs:
-        return
-    flags = jax.device_get(_finite_flags([x for _, x in pairs]))
-    bad = [path for (path, _), ok in zip(pairs, flags, strict=True) if not ok]
-    if bad:
-        raise ValueError(
-            f"{bad[0]} holds NaN or inf values" + (f" ({len(bad)} arrays do)" if len(bad) > 1 else "")
-        )
-
-
 class Checkpointer:
     """Saves every `save_every` steps (and when forced), keeps the newest `keep`, asynchronously.
 
@@ -307,11 +280,11 @@ class Checkpointer:
             out = self.manager.restore(s, args=ocp.args.Composite(**items))
             if "state" in out and out["state"] is not None:
                 state = out["state"]
-                _check_finite({"params": state.params, "opt": state.opt_state})
+                checksums.check_finite({"params": state.params, "opt": state.opt_state})
             else:
                 arrays = {name: out[name] for name in ("params", "opt", "ema") if name in items}
                 self._verify(s, arrays)
-                _check_finite(arrays)
+                checksums.check_finite(arrays)
                 ema = None  # a run that starts keeping an average starts from the params (a copy: donated)
                 if abstract_state.ema_params is not None:
                     ema = out["ema"] if "ema" in items else jax.tree.map(jnp.copy, out["params"])
@@ -345,7 +318,7 @@ class Checkpointer:
                 state = self.manager.restore(
                     s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
                 )
-                _check_finite({"params": state["state"]["params"]})
+                checksums.check_finite({"params": state["state"]["params"]})
                 return jax.device_put(
                     state["state"]["params"], jax.tree.map(lambda x: x.sharding, abstract_params)
                 )
@@ -359,7 +332,7 @@ class Checkpointer:
                 s, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_params)})
             )[name]
             self._verify(s, {name: params})
-            _check_finite({name: params})
+            checksums.check_finite({name: params})
             logging.info("read the %s weights of step %d in %s", name, s, self.directory)
             return params
 

@@ -1,4 +1,5 @@
-"""Checksums of array trees, computed where the arrays live: saved with a checkpoint, checked on restore.
+"""Checksums of array trees, computed where the arrays live: saved with a checkpoint, checked on
+restore together with `check_finite` (no NaN or inf in a restored floating-point array).
 
 orbax/tensorstore write the bytes they are given and read back whatever the files hold: bytes
 changed in place (a bad disk, a stray write) come back as other numbers (NaN weights, Adam moments
@@ -108,6 +109,33 @@ def tree_checksums(tree, version: int = VERSION) -> dict[str, list]:
     return {
         jax.tree_util.keystr(p): [int(v), str(x.dtype)] for p, v, x in zip(paths, values, leaves, strict=True)
     }
+
+
+@jax.jit
+def _finite_flags(tree) -> list:
+    return [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+
+
+def check_finite(items: dict) -> None:
+    """Raise if a floating-point array of the restored `items` ({name: tree}) holds a NaN or inf.
+
+    A step whose checksums match its files can still hold NaN (saved so, or damaged before the
+    checksums caught every change): restoring it would fail at the next step or evaluate to NaN, so
+    it is treated as damaged. One jitted pass, one flag per array."""
+    pairs = [
+        (f"{name}{jax.tree_util.keystr(p)}", x)
+        for name, tree in items.items()
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not pairs:
+        return
+    flags = jax.device_get(_finite_flags([x for _, x in pairs]))
+    bad = [path for (path, _), ok in zip(pairs, flags, strict=True) if not ok]
+    if bad:
+        raise ValueError(
+            f"{bad[0]} holds NaN or inf values" + (f" ({len(bad)} arrays do)" if len(bad) > 1 else "")
+        )
 
 
 def first_difference(saved: dict[str, list], restored: dict[str, list]) -> str | None:
