@@ -4,7 +4,7 @@
     JAX_PLATFORMS=cpu python -m benchmarks.aot_targets --sweep=long_context --out=docs/results/aot
     JAX_PLATFORMS=cpu python -m benchmarks.aot_targets --sweep=sharding --out=docs/results/aot
 
-Each row is one `flaxformer_lite.aot` compile (train step), appended to <out>/<sweep>.jsonl as it
+Each row is one `flaxformer_lite.tools.aot` compile (train step), appended to <out>/<sweep>.jsonl as it
 finishes; a rerun skips the rows already there, so a long sweep can be stopped and resumed.
 `--table` prints the markdown table of a sweep's file and draws long_context.png.
 These are the compilers' own figures (memory analysis, cost analysis, custom calls), not speed.
@@ -22,7 +22,7 @@ import jax
 from absl import app, flags
 
 from benchmarks.common import load_config
-from flaxformer_lite import aot, targets
+from flaxformer_lite.tools import aot, aot_targets
 
 flags.DEFINE_enum("sweep", "presets", ["presets", "max_batch", "long_context", "sharding"], "Which sweep.")
 flags.DEFINE_string("out", "docs/results/aot", "Folder of the sweeps' JSONL files.")
@@ -73,8 +73,8 @@ def run(path: str) -> None:
     for key, name, target_name, fields, model, search in _rows():
         if key in done:
             continue
-        target = targets.parse(target_name)
-        devices.setdefault(target_name, targets.devices(target))
+        target = aot_targets.parse(target_name)
+        devices.setdefault(target_name, aot_targets.devices(target))
         config = load_config(f"configs/{name}.py")
         config.update(fields)
         config.model.overrides.update({"scan_layers": FLAGS.scan_layers, **model})
@@ -97,7 +97,7 @@ def _fits(r: dict) -> bool:
     were judged against all of a GPU's memory: judged again here)."""
     if "per_device_bytes" not in r:
         return False
-    return r["fits"] and r["per_device_bytes"]["total"] <= targets.parse(r["target"]).usable_memory_bytes
+    return r["fits"] and r["per_device_bytes"]["total"] <= aot_targets.parse(r["target"]).usable_memory_bytes
 
 
 def _gib(n) -> str:
@@ -178,7 +178,7 @@ def _plot_long_context(rows, png: str) -> None:
         xs, ys = zip(*sorted(points), strict=True)
         ax.scatter(xs, ys, marker="x", color=colors.get(label, "black"), s=40)
     for target in sorted({label.split()[0] for label in series}):
-        memory = targets.parse(target).device_memory_bytes / 2**30
+        memory = aot_targets.parse(target).device_memory_bytes / 2**30
         ax.axhline(memory, color="grey", linewidth=0.8, linestyle=":")
         ax.annotate(f"{target} memory", (1024, memory), fontsize=7, va="bottom")
     ax.set(xscale="log", yscale="log", xlabel="sequence length T (batch 1)", ylabel="temp GiB per device",

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks.common import load_config, report, time_fn
-from flaxformer_lite import decoding, experiment
+from flaxformer_lite import decoding
+from flaxformer_lite.train import experiment
 
 flags.DEFINE_string("config", "configs/wmt_base.py", "Experiment config file.")
 flags.DEFINE_integer("vocab", 32_000, "Vocabulary size.")

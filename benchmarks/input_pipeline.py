@@ -64,7 +64,7 @@ def measure(exp, batches: int, warmup: int) -> dict:
 
 def main(argv):
     del argv
-    from flaxformer_lite import experiment
+    from flaxformer_lite.train import experiment
 
     config = load_config(FLAGS.config)
     if FLAGS.batch_size:

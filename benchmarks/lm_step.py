@@ -50,7 +50,8 @@ import optax
 from absl import app, flags
 
 from benchmarks.common import load_config, report, synthetic_batch, xla_op_profile
-from flaxformer_lite import experiment, sharding
+from flaxformer_lite import sharding
+from flaxformer_lite.train import experiment
 
 flags.DEFINE_string(
     "nanogpt_dir", os.environ.get("NANOGPT_DIR"), "A checkout of github.com/karpathy/nanoGPT."

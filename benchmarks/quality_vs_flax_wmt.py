@@ -13,7 +13,7 @@ Its data pipeline needs TensorFlow, so its two steps are re-done here in numpy: 
 than `max_length` (its `length_filter`), then pack sentences in order into rows (its `pack_dataset`).
 Everything else is shared with ours: the same train split, the same SentencePiece model (the
 workdir's spm.model), the same model size and batch shape (from --config), the same budget, and
-our evaluation (`evaluation.evaluate_bleu`: every source translated (trimmed as ours), sacreBLEU
+our evaluation (`split_metrics.evaluate_bleu`: every source translated (trimmed as ours), sacreBLEU
 and chrF against both references, and the same perplexity over the split).
 """
 
@@ -34,8 +34,9 @@ from absl import app, flags, logging
 from flax import jax_utils
 from ml_collections import config_flags
 
-from flaxformer_lite import evaluation, experiment, metrics
+from flaxformer_lite.evaluation import corpus_metrics, split_metrics
 from flaxformer_lite.ids import EOS_ID
+from flaxformer_lite.train import experiment
 
 config_flags.DEFINE_config_file(
     "config", "configs/quickstart.py", "Our config: model size, data, batch shape."
@@ -219,7 +220,7 @@ def main(argv):
             inputs, params, cache, decode.EOS_ID, max_decode, predict_cfg, beam_size=FLAGS.beam_size
         )
 
-    result = evaluation.evaluate_bleu(
+    result = split_metrics.evaluate_bleu(
         None, params, exp.tokenizer, exp.data.open(FLAGS.split), exp.data.keys, max_examples=0,
         max_length=length, max_decode_length=c.max_decode_length, batch_size=batch, mesh=exp.mesh,
         decode_fn=predict,
@@ -242,7 +243,8 @@ def main(argv):
         "learning_rate": FLAGS.learning_rate, "warmup_steps": FLAGS.warmup_steps,
         "attention_dropout": FLAGS.attention_dropout, "dropout": ours.dropout_rate,
         "beam_size": FLAGS.beam_size,
-        "train_pairs_kept": kept, "train_pairs": len(pairs), "perplexity": metrics.perplexity(nll, den),
+        "train_pairs_kept": kept, "train_pairs": len(pairs),
+        "perplexity": corpus_metrics.perplexity(nll, den),
         "tokens": den, **result, "curve": curve, "command": " ".join(sys.argv),
     }  # fmt: skip
     if FLAGS.ours:

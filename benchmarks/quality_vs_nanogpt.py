@@ -33,9 +33,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxformer_lite import experiment, metrics
-from flaxformer_lite import input_pipeline as ip
+from flaxformer_lite.data import pipeline as ip
+from flaxformer_lite.evaluation import corpus_metrics
 from flaxformer_lite.ids import EOS_ID
+from flaxformer_lite.train import experiment
 
 config_flags.DEFINE_config_file("config", "configs/lm_compare.py", "Our config: model size, data, batch.")
 flags.DEFINE_string(
@@ -183,7 +184,7 @@ def main(argv):
     summary = {
         "anchor": "karpathy/nanoGPT train.py + model.py", "split": FLAGS.split, "train_seconds": seconds,
         "max_iters": iters, "seconds_per_iter": per_iter, "recipe": FLAGS.recipe, "nll": nll / count,
-        "perplexity": metrics.perplexity(nll, count), "tokens": count, "command": " ".join(sys.argv),
+        "perplexity": corpus_metrics.perplexity(nll, count), "tokens": count, "command": " ".join(sys.argv),
     }  # fmt: skip
     if FLAGS.ours:
         with open(FLAGS.ours) as f:

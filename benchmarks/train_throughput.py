@@ -4,7 +4,7 @@
     python -m benchmarks.train_throughput --config=configs/gpt2_small.py --batch=12 --length=1024
 
 Tokens/s counts target tokens (plus source tokens, reported separately, for translation). MFU =
-useful training FLOPs (flaxformer_lite.flops, checked against XLA's count in tests) per second
+useful training FLOPs (flaxformer_lite.model.flops, checked against XLA's count in tests) per second
 over the devices' dense bf16 peak; None on devices without a known peak (CPU).
 """
 
@@ -16,7 +16,9 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common import load_config, report, synthetic_batch, time_fn
-from flaxformer_lite import experiment, flops, sharding
+from flaxformer_lite import sharding
+from flaxformer_lite.model import flops
+from flaxformer_lite.train import experiment
 
 flags.DEFINE_string("config", "configs/wmt_base.py", "Experiment config file.")
 flags.DEFINE_integer("batch", 64, "Global batch (sequences or sentence pairs).")

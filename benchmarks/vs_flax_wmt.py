@@ -31,7 +31,8 @@ import optax
 from absl import app, flags
 
 from benchmarks.common import load_config, report, synthetic_batch, xla_op_profile
-from flaxformer_lite import decoding, experiment, sharding
+from flaxformer_lite import decoding, sharding
+from flaxformer_lite.train import experiment
 
 SHAPES = {  # d_model, heads, d_ff, layers (each stack), vocab, batch, length
     "quickstart": (128, 4, 512, 2, 4000, 32, 64),

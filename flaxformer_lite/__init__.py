@@ -22,17 +22,17 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AXES": "sharding",
-    "DecoderLayer": "layers",
-    "Embed": "layers",
-    "EncoderLayer": "layers",
-    "Mlp": "layers",
-    "MultiHeadAttention": "layers",
-    "Norm": "layers",
-    "Decoder": "models",
-    "DecoderOnly": "models",
-    "Encoder": "models",
-    "EncoderDecoder": "models",
-    "EncoderOnly": "models",
+    "DecoderLayer": "model.layers",
+    "Embed": "model.layers",
+    "EncoderLayer": "model.layers",
+    "Mlp": "model.layers",
+    "MultiHeadAttention": "model.layers",
+    "Norm": "model.layers",
+    "Decoder": "model.models",
+    "DecoderOnly": "model.models",
+    "Encoder": "model.models",
+    "EncoderDecoder": "model.models",
+    "EncoderOnly": "model.models",
 }
 
 

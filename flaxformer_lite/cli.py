@@ -10,7 +10,7 @@ import threading
 
 from absl import flags, logging
 
-from flaxformer_lite import reporting
+from flaxformer_lite.train import reporting
 
 # What a user can fix (bad config, missing or bad files, a full disk): one line, no traceback.
 USER_ERRORS = (ValueError, OSError)

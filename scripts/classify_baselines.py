@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flaxformer_lite import classification, datasets  # noqa: E402
+from flaxformer_lite.data import datasets
+from flaxformer_lite.tasks import classification
 
 _WORD = re.compile(r"[a-z0-9']+")
 

@@ -5,7 +5,7 @@
 
 The run must have been trained with --config.valid_metric (and keep_best >= 5 for "average of
 best 5"). Every variant is scored by the same eval.py command (beam 4, alpha 0.6, the test split);
-averages are written with `python -m flaxformer_lite.average` first. Variants whose inputs the
+averages are written with `python -m flaxformer_lite.tools.average` first. Variants whose inputs the
 run lacks (no EMA kept) are skipped.
 """
 
@@ -53,7 +53,9 @@ def main():
         _eval(a.config, a.workdir, "best", "--checkpoint=best", "--weights=raw"),
     ]
     for how in ("--last=5", "--best=5"):
-        seconds = _run("-m", "flaxformer_lite.average", f"--config={a.config}", f"--workdir={a.workdir}", how)
+        seconds = _run(
+            "-m", "flaxformer_lite.tools.average", f"--config={a.config}", f"--workdir={a.workdir}", how
+        )
         row = _eval(
             a.config,
             a.workdir,

@@ -7,9 +7,9 @@ import argparse
 import json
 import os
 
-from flaxformer_lite import datasets
-from flaxformer_lite import input_pipeline as ip
-from flaxformer_lite.tokenizer import load_or_train
+from flaxformer_lite.data import datasets
+from flaxformer_lite.data import pipeline as ip
+from flaxformer_lite.data.tokenizer import load_or_train
 
 SETS = {"bible_translate/en-de": ["en", "de"], "bible_translate/en-fr": ["en", "fr"], "bible_lm": ["text"]}
 

@@ -20,10 +20,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxformer_lite import evaluation, experiment, metrics, ops
-from flaxformer_lite import input_pipeline as ip
+from flaxformer_lite import ops
+from flaxformer_lite.data import pipeline as ip
+from flaxformer_lite.evaluation import corpus_metrics, split_metrics
 from flaxformer_lite.ids import EOS_ID
-from flaxformer_lite.models import variant
+from flaxformer_lite.model.models import variant
+from flaxformer_lite.train import experiment
 
 config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
 flags.DEFINE_string("workdir", None, "The trained workdir.")
@@ -48,8 +50,8 @@ def main(argv):
     source = exp.data.open(f.split)
     n = len(source) if not f.max_examples else min(f.max_examples, len(source))
     examples = [source[i] for i in range(n)]
-    srcs = [evaluation.references(ex, exp.data.keys["inputs"])[0] for ex in examples]
-    refs = [evaluation.references(ex, exp.data.keys["targets"]) for ex in examples]
+    srcs = [split_metrics.references(ex, exp.data.keys["inputs"])[0] for ex in examples]
+    refs = [split_metrics.references(ex, exp.data.keys["targets"]) for ex in examples]
     tokenize = ip.Tokenize(exp.tokenizer, {"inputs": "s", "targets": "t"}, exp.config.max_length)
     forced = jax.jit(lambda p, x, y: gold_prefix_argmax(exp.inference_model, p, x, y))
     gold_hyps = []
@@ -63,14 +65,14 @@ def main(argv):
         out = np.where((y > 0) & (out != EOS_ID), out, 0)  # the gold target's positions, no EOS
         gold_hyps += [exp.tokenizer.decode([int(t) for t in row if t]) for row in out]
     gold_hyps = gold_hyps[:n]
-    free, _ = evaluation.translate_texts(
+    free, _ = split_metrics.translate_texts(
         exp.inference_model, params, exp.tokenizer, srcs, max_length=L,
         max_decode_length=exp.config.max_decode_length, batch_size=bs, mesh=exp.mesh,
     )  # fmt: skip
     streams = [[r[j] if j < len(r) else r[0] for r in refs] for j in range(max(len(r) for r in refs))]
     result = {"workdir": f.workdir, "step": step, "split": f.split, "examples": n}
     for name, hyps in (("gold_prefix_argmax", gold_hyps), ("free_running_greedy", free)):
-        scores = metrics.bleu_and_chrf(hyps, streams)
+        scores = corpus_metrics.bleu_and_chrf(hyps, streams)
         result[name] = {"bleu": round(scores["bleu"], 2), "chrf": round(scores["chrf"], 2)}
     result["bleu_gap"] = round(
         result["gold_prefix_argmax"]["bleu"] - result["free_running_greedy"]["bleu"], 2

@@ -9,7 +9,7 @@ import sqlite3
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from flaxformer_lite.datasets.bible import VERSIONS, default_db_path  # noqa: E402
+from flaxformer_lite.data.datasets.bible import VERSIONS, default_db_path  # noqa: E402
 
 BOOKS = (31, 37, 57, 17, 32, 8)
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "bible_small.db")

@@ -15,7 +15,7 @@ import sqlite3
 
 import numpy as np
 
-from flaxformer_lite.datasets import bible
+from flaxformer_lite.data.datasets import bible
 
 ENGLISH = ["k", "2", "3", "4"]
 

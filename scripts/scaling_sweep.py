@@ -22,8 +22,8 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train  # noqa: E402
 from configs import lm_scaling  # noqa: E402
+from flaxformer_lite.train import loop  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Output folder (one subfolder per size).")
 flags.DEFINE_list("sizes", ["32x1", "64x2", "96x2", "128x3", "192x4"], "d_model x layers per point.")
@@ -38,7 +38,7 @@ def non_embedding_params(config) -> int:
     from flax import linen as nn
     from flax import traverse_util
 
-    from flaxformer_lite import experiment
+    from flaxformer_lite.train import experiment
 
     model = experiment.build(config, None, tokenizer="none", vocab_size=config.vocab_size).model
     shapes = nn.unbox(
@@ -106,7 +106,7 @@ def main(argv):
         if os.path.exists(shared_spm):
             shutil.copy(shared_spm, os.path.join(workdir, "spm.model"))
         start = time.time()
-        final = train.train_and_evaluate(config, workdir)
+        final = loop.train_and_evaluate(config, workdir)
         if not os.path.exists(shared_spm):
             shutil.copy(os.path.join(workdir, "spm.model"), shared_spm)
         points.append(

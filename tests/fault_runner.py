@@ -19,7 +19,8 @@ from absl import app
 from orbax.checkpoint._src.path import atomicity
 
 import train
-from flaxformer_lite import cli, training
+from flaxformer_lite import cli
+from flaxformer_lite.train import training
 
 KILL_STEP = os.environ.get("FAULT_KILL_IN_COMMIT_OF_STEP")
 _finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -46,7 +47,7 @@ def _diverging(real_step, explode_from: int, nan_at: int):
 
 
 def _sigterm_in_tokenizer(at: int) -> None:
-    from flaxformer_lite import tokenizer
+    from flaxformer_lite.data import tokenizer
 
     real_next = tokenizer._Counted.__next__
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import experiment
+from flaxformer_lite.train import experiment
 from tests import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import aot, targets, training
+from flaxformer_lite.tools import aot, aot_targets
+from flaxformer_lite.train import training
 
 HAS_TPU = importlib.util.find_spec("libtpu") is not None
 try:
@@ -62,13 +63,13 @@ def _param_count(config) -> int:
 
 
 def test_target_names():
-    assert targets.parse("tpu:v5e:2x2") == targets.Target("tpu:v5e:2x2", "tpu", "v5e", "2x2")
-    assert targets.parse("gpu:h100x8").compute_capability == "9.0"
-    assert targets.parse("gpu:a100x1").compute_capability == "8.0"
-    assert targets.parse("tpu:v5e:2x2").device_memory_bytes == 16 * 2**30
+    assert aot_targets.parse("tpu:v5e:2x2") == aot_targets.Target("tpu:v5e:2x2", "tpu", "v5e", "2x2")
+    assert aot_targets.parse("gpu:h100x8").compute_capability == "9.0"
+    assert aot_targets.parse("gpu:a100x1").compute_capability == "8.0"
+    assert aot_targets.parse("tpu:v5e:2x2").device_memory_bytes == 16 * 2**30
     for bad in ("tpu:v9:2x2", "gpu:h100", "gpu:h100x0", "v5e:2x2", "tpu:v5e"):
-        with pytest.raises(targets.TargetError, match="unknown target"):
-            targets.parse(bad)
+        with pytest.raises(aot_targets.TargetError, match="unknown target"):
+            aot_targets.parse(bad)
 
 
 @pytest.mark.parametrize("limit, compiles", [(148, 4), (60, None), (400, None), (3, None)])
@@ -88,7 +89,7 @@ def test_find_max_batch_finds_the_largest_fitting_multiple(monkeypatch, limit, c
 
     monkeypatch.setattr(aot, "compile_for", fake_compile)
     config = _config(batch_size=32, mesh_data=4)
-    target = targets.parse("tpu:v5e:2x2")
+    target = aot_targets.parse("tpu:v5e:2x2")
     if limit < 4:
         with pytest.raises(aot.DoesNotFit, match="even at batch 4"):
             aot.find_max_batch(config, target, [None] * 4, "train_step")
@@ -102,9 +103,9 @@ def test_find_max_batch_finds_the_largest_fitting_multiple(monkeypatch, limit, c
 
 @needs_tpu
 def test_train_step_compiles_for_tpu_with_splash():
-    target = targets.parse("tpu:v5e:2x2")
+    target = aot_targets.parse("tpu:v5e:2x2")
     config = _small(mesh_data=4)
-    r = aot.compile_for(config, target, targets.devices(target), "train_step")
+    r = aot.compile_for(config, target, aot_targets.devices(target), "train_step")
     cfg_layers = 2 + 2 + 2  # encoder self, decoder self, cross
     assert r["device_kind"] == "TPU v5 lite" and r["devices"] == 4
     assert r["attention_kernels"] == {"tpu_custom_call": 3 * cfg_layers}  # forward, dq, dkv per attention
@@ -126,8 +127,8 @@ def test_fsdp_shards_state_and_adds_collectives():
 
     d_model 512, so that a quarter of it still fills the TPU's 128 lanes: at d_model 128 the
     [vocab, 32] shards are padded to 128 lanes and the state shrinks only 2.15x (measured)."""
-    target = targets.parse("tpu:v5e:2x2")
-    devices = targets.devices(target)
+    target = aot_targets.parse("tpu:v5e:2x2")
+    devices = aot_targets.devices(target)
     wide = dict(model_d_model=512, model_d_ff=1024, model_num_heads=8)
     dp = aot.compile_for(_small(mesh_data=4, **wide), target, devices, "train_step")
     fsdp = aot.compile_for(_small(mesh_data=1, mesh_fsdp=4, **wide), target, devices, "train_step")
@@ -142,15 +143,15 @@ def test_fsdp_shards_state_and_adds_collectives():
 
 @needs_tpu
 def test_lm_decode_compiles_for_tpu():
-    target = targets.parse("tpu:v5e:2x2")
+    target = aot_targets.parse("tpu:v5e:2x2")
     config = _config("lm_compare", batch_size=8, max_length=128, mesh_data=4, model_dtype="bfloat16")
-    r = aot.compile_for(config, target, targets.devices(target), "decode")
+    r = aot.compile_for(config, target, aot_targets.devices(target), "decode")
     assert r["function"] == "decode" and r["fits"] and r["per_device_bytes"]["total"] > 0
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "flaxformer_lite.aot", *args]
+    cmd = [sys.executable, "-m", "flaxformer_lite.tools.aot", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -192,8 +193,8 @@ def test_cli_unknown_target_is_one_line():
 def test_train_step_compiles_for_gpu_with_cudnn_on_hopper_only(gpu, fused):
     """Packed rows: cuDNN flash attention on an H100 target; an A100 target (pre-Hopper: no packed
     cuDNN layout) takes XLA attention. The capability comes from the target, not this CPU."""
-    target = targets.parse(f"gpu:{gpu}x1")
-    r = aot.compile_for(_small(), target, targets.devices(target), "train_step")
+    target = aot_targets.parse(f"gpu:{gpu}x1")
+    r = aot.compile_for(_small(), target, aot_targets.devices(target), "train_step")
     assert gpu.upper() in r["device_kind"]
     if fused:
         assert r["attention_kernels"] == {"__cudnn$fmhaSoftmax": 6, "__cudnn$fmhaSoftmaxBackward": 6}
@@ -212,8 +213,8 @@ def test_presets_compile_for_v5e_with_fsdp(name):
 
     With scan_layers: one layer body to compile, not 12 (unrolled, the three took 4-7 minutes each
     on 2 busy cores; the unrolled gpt2_small step compiled for v5e:2x2 in the README's table)."""
-    target = targets.parse("tpu:v5e:2x2")
+    target = aot_targets.parse("tpu:v5e:2x2")
     config = _config(name, mesh_data=1, mesh_fsdp=4, model_scan_layers=True)
-    r = aot.compile_for(config, target, targets.devices(target), "train_step")
+    r = aot.compile_for(config, target, aot_targets.devices(target), "train_step")
     assert r["fits"] and r["attention_kernels"]["tpu_custom_call"] > 0
     assert r["length"] == config.max_length and r["batch"] == config.batch_size

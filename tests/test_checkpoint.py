@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import flaxformer_lite as fl
-from flaxformer_lite import checkpoint, sharding, tasks, training
+from flaxformer_lite import sharding, tasks
+from flaxformer_lite.train import checkpoint, training
 
 SHAPE = (4, 8)
 

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flaxformer_lite as fl
-from flaxformer_lite import checkpoint, checksums, sharding, tasks, training
+from flaxformer_lite import sharding, tasks
+from flaxformer_lite.train import checkpoint, checksums, training
 
 MASK = 2**32 - 1
 

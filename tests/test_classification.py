@@ -13,14 +13,16 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-import eval as eval_py
-import generate
-import train
-from flaxformer_lite import classification, datasets, experiment, ops, tasks
+from flaxformer_lite import ops, tasks
 from flaxformer_lite.config import tiny
-from flaxformer_lite.datasets.bible import split_of_book
-from flaxformer_lite.models import DecoderOnly, EncoderOnly
+from flaxformer_lite.data import datasets
+from flaxformer_lite.data.datasets.bible import split_of_book
+from flaxformer_lite.evaluation import run as eval_run
+from flaxformer_lite.generation import interactive
+from flaxformer_lite.model.models import DecoderOnly, EncoderOnly
 from flaxformer_lite.ops import pooling
+from flaxformer_lite.tasks import classification
+from flaxformer_lite.train import experiment, loop
 from tests import tiny_config
 
 FIXTURE = tiny_config.FIXTURE
@@ -298,7 +300,7 @@ def test_fine_tuning_an_mlm_workdir_keeps_its_body_and_eval_and_generate_classif
     """BERT's recipe end to end: MLM + next-sentence pretraining, then a paraphrase classifier
     from that workdir (body bit for bit, classifier new), trained, evaluated, used on stdin."""
     mlm = str(tmp_path / "mlm")
-    train.train_and_evaluate(_config(tmp_path, task="mlm", dataset_name="bible_lm", next_sentence=True), mlm)
+    loop.train_and_evaluate(_config(tmp_path, task="mlm", dataset_name="bible_lm", next_sentence=True), mlm)
     pretrained = _checkpoint_params(mlm, 2)
 
     config = _config(tmp_path, task="classify", dataset_name="bible_paraphrase", init_from=mlm)
@@ -315,9 +317,11 @@ def test_fine_tuning_an_mlm_workdir_keeps_its_body_and_eval_and_generate_classif
         assert value.dtype == want.dtype and np.array_equal(value, want), name
     assert not np.array_equal(got["classifier/kernel"], pretrained["classifier/kernel"])
 
-    final = train.train_and_evaluate(config, work)
+    final = loop.train_and_evaluate(config, work)
     assert 0.0 <= final["accuracy"] <= 1.0 and np.isfinite(final["nll"])
-    summary = eval_py.evaluate(config, work, "test", beams=1, alpha=0.6, max_examples=10, batch_size=0)
+    summary = eval_run.evaluate_workdir(
+        config, work, "test", beams=1, alpha=0.6, max_examples=10, batch_size=0
+    )
     assert summary["examples"] == 10 and 0.0 <= summary["f1"] <= 1.0
     prefix = summary["files"][: -len(".*")]  # <workdir>/eval/bible_paraphrase<source hash>.test
     assert prefix.startswith(os.path.join(work, "eval", "bible_paraphrase"))
@@ -327,7 +331,7 @@ def test_fine_tuning_an_mlm_workdir_keeps_its_body_and_eval_and_generate_classif
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
     out, err = io.StringIO(), io.StringIO()
-    counts = generate.run(config, work, ["In the beginning\tAt first", "", "no tab here"], out, err)
+    counts = interactive.run(config, work, ["In the beginning\tAt first", "", "no tab here"], out, err)
     lines = out.getvalue().split("\n")
     assert counts["lines"] == 3 and lines[1] == "" and lines[0].split("\t")[0] in ("different", "paraphrase")
     assert "1 lines without a tab" in err.getvalue()
@@ -336,7 +340,7 @@ def test_fine_tuning_an_mlm_workdir_keeps_its_body_and_eval_and_generate_classif
 @pytest.mark.slow
 def test_init_from_another_model_or_vocabulary_is_a_one_line_error(tmp_path):
     lm = str(tmp_path / "lm")
-    train.train_and_evaluate(_config(tmp_path, task="lm", dataset_name="bible_lm"), lm)
+    loop.train_and_evaluate(_config(tmp_path, task="lm", dataset_name="bible_lm"), lm)
     config = _config(tmp_path, task="classify_causal", dataset_name="bible_paraphrase", init_from=lm)
     config.model.overrides.d_ff = 48
     exp = experiment.build(config, str(tmp_path / "a"))
@@ -400,7 +404,7 @@ def test_freeze_body_trains_the_body_params_the_pretrained_model_lacks(tmp_path)
 
 def test_init_from_a_run_whose_layers_are_laid_out_otherwise_is_an_error():
     """Unrolled layers (layer_0, ...) cannot fill a scanned stack (layers): loading nothing is refused."""
-    from flaxformer_lite import init_from
+    from flaxformer_lite.train import init_from
 
     loaded = {"decoder": {"layer_0": {"w": np.ones((2, 2))}}, "token_embed": {"embedding": np.ones((5, 2))}}
     fresh = {

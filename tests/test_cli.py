@@ -156,14 +156,15 @@ def test_errors_of_threads_and_finalizers_at_exit_stay_off_the_error_line(tmp_pa
 
 
 def test_the_dataset_cli_prepares_a_corpus_where_train_py_reads_it(tmp_path):
-    """`python -m flaxformer_lite.datasets tsv_translate --manual_dir=...` prepared into <data_dir>, where
-    train.py never looks (it reads <data_dir>/source-<hash>), so train.py prepared it again."""
-    from flaxformer_lite import datasets
+    """`python -m flaxformer_lite.data.datasets tsv_translate --manual_dir=...` prepared into
+    <data_dir>, where train.py never looks (it reads <data_dir>/source-<hash>), so train.py prepared it
+    again."""
+    from flaxformer_lite.data import datasets
 
     corpus, data_dir = str(tmp_path / "corpus"), str(tmp_path / "tfds")
     _tsv_corpus(corpus, b"In the end\tAm Ende\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "flaxformer_lite.datasets", "tsv_translate", f"--manual_dir={corpus}",
+        [sys.executable, "-m", "flaxformer_lite.data.datasets", "tsv_translate", f"--manual_dir={corpus}",
          f"--data_dir={data_dir}"],
         cwd=runs.ROOT, env=runs.environment(), capture_output=True, timeout=runs.TIMEOUT,
     )  # fmt: skip

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from flaxformer_lite import experiment
 from flaxformer_lite.config import ModelConfig
+from flaxformer_lite.train import experiment
 
 CONFIGS = sorted(
     os.path.basename(p)[:-3]

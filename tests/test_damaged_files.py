@@ -358,12 +358,12 @@ def test_average_on_a_full_disk_keeps_the_previous_average(prepared, reference, 
     workdir = str(tmp_path / "work")
     shutil.copytree(reference, workdir)
     flags = ["--config=tests/tiny_config.py", f"--workdir={workdir}", f"--config.data_dir={prepared[0]}"]
-    proc = _script("-m", "flaxformer_lite.average", *flags, "--last=2")
+    proc = _script("-m", "flaxformer_lite.tools.average", *flags, "--last=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     averaged = os.path.join(workdir, "averaged")
     before = _contents(averaged)
     assert f"{STEPS}/params/_METADATA" in before
-    line = _failed(_script("-m", "flaxformer_lite.average", *flags, "--last=3", limit_file_bytes=100))
+    line = _failed(_script("-m", "flaxformer_lite.tools.average", *flags, "--last=3", limit_file_bytes=100))
     assert line.startswith(f"error: writing the average to {averaged!r} failed ("), line
     assert "File too large" in line and line.endswith(
         "the previous average is kept. Free space (or fix the directory) and rerun."
@@ -383,7 +383,7 @@ def test_average_over_a_damaged_step_names_it_and_the_readable_ones(prepared, re
         for name in names:
             _damage(os.path.join(root, name), "truncated")
     flags = ["--config=tests/tiny_config.py", f"--workdir={workdir}", f"--config.data_dir={prepared[0]}"]
-    proc = _script("-m", "flaxformer_lite.average", *flags, "--last=3")
+    proc = _script("-m", "flaxformer_lite.tools.average", *flags, "--last=3")
     line = _failed(proc)
     assert line.startswith(f"error: checkpoint step [{last3[0]}] in {checkpoints!r} is unreadable"), line
     assert f"steps {last3[1:]} read fine" in line and b"Train again" not in proc.stderr, line

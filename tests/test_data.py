@@ -5,10 +5,11 @@ import sqlite3
 import numpy as np
 import pytest
 
-from flaxformer_lite import datasets, experiment
-from flaxformer_lite import input_pipeline as ip
-from flaxformer_lite.datasets import BadCorpusError, bible, text_files
-from flaxformer_lite.tokenizer import EOS_ID, load_or_train
+from flaxformer_lite.data import datasets
+from flaxformer_lite.data import pipeline as ip
+from flaxformer_lite.data.datasets import BadCorpusError, bible, text_files
+from flaxformer_lite.data.tokenizer import EOS_ID, load_or_train
+from flaxformer_lite.train import experiment
 from tests import tiny_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bible_small.db")

@@ -180,7 +180,7 @@ def _hand_set_alignment_model(reverse: bool):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_alignment_of_a_hand_set_model_is_the_identity_or_the_reversal(reverse, tmp_path):
-    from flaxformer_lite import outputs
+    from flaxformer_lite.generation import formatting
 
     model, params, src, n = _hand_set_alignment_model(reverse)
     src = jnp.concatenate([src, jnp.array([[EOS_ID]])], axis=1)  # n real tokens, then EOS
@@ -190,17 +190,17 @@ def test_alignment_of_a_hand_set_model_is_the_identity_or_the_reversal(reverse, 
         lambda p, x, f: decoding.translate_outputs(model, p, x, 6, beams=2, forced=f, attention=spec)
     )(params, src, forced)
     weights = np.asarray(out["attention"][0, 0, :, -1])  # [L, S] of the last (only) layer
-    pairs = outputs.pharaoh(weights, source_len=n, target_len=5)
+    pairs = formatting.pharaoh(weights, source_len=n, target_len=5)
     t = np.arange(5)
     want = " ".join(f"{s}-{i}" for i, s in zip(t, (n - 1 - t) if reverse else t, strict=True))
     assert pairs == want
     png = tmp_path / "attention.png"
     weights = np.asarray(out["attention"][0, 0, :5, :, : n + 1])
-    outputs.plot_attention(str(png), weights, list("abcdef") + ["</s>"], list("vwxyz"), dpi=50, cell=0.4)
+    formatting.plot_attention(str(png), weights, list("abcdef") + ["</s>"], list("vwxyz"), dpi=50, cell=0.4)
     import matplotlib.image
 
     image = matplotlib.image.imread(str(png))
-    w, h = outputs.figure_size(layers=1, source_len=n + 1, target_len=5, cell=0.4)
+    w, h = formatting.figure_size(layers=1, source_len=n + 1, target_len=5, cell=0.4)
     assert image.shape[:2] == (round(h * 50), round(w * 50))
 
 

@@ -6,8 +6,8 @@ from flax import linen as nn
 
 import flaxformer_lite as fl
 from flaxformer_lite import decoding
+from flaxformer_lite.data.tokenizer import EOS_ID
 from flaxformer_lite.decoding import sampling
-from flaxformer_lite.tokenizer import EOS_ID
 
 A, B_, C = 3, 4, 5  # token ids of a hand-built language (0 pad, 1 eos)
 

@@ -6,8 +6,9 @@ import sacrebleu
 from flax import linen as nn
 
 import flaxformer_lite as fl
-from flaxformer_lite import evaluation, ops, sharding, tasks
-from flaxformer_lite.tokenizer import EOS_ID, train_sentencepiece
+from flaxformer_lite import ops, sharding, tasks
+from flaxformer_lite.data.tokenizer import EOS_ID, train_sentencepiece
+from flaxformer_lite.evaluation import split_metrics
 from tests import reference
 
 
@@ -26,7 +27,7 @@ def test_perplexity_is_exp_of_mean_nll_over_real_tokens():
     batch = _batch()
     params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(batch["targets"]))["params"])
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    got = evaluation.evaluate_loss(params, model, tasks.LM, [batch], mesh)
+    got = split_metrics.evaluate_loss(params, model, tasks.LM, [batch], mesh)
     logits = model.apply({"params": params}, ops.shift_right(jnp.asarray(batch["targets"])))
     logp = reference.log_softmax(np.asarray(logits))
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
@@ -58,7 +59,7 @@ def test_bleu_uses_every_reference_stream(tmp_path):
         return jnp.asarray(rows)
 
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    result = evaluation.evaluate_bleu(
+    result = split_metrics.evaluate_bleu(
         None,
         None,
         sp,
@@ -80,7 +81,7 @@ def test_bleu_uses_every_reference_stream(tmp_path):
 
 
 def test_repetition_share_counts_texts_with_a_looping_3gram():
-    from flaxformer_lite import metrics
+    from flaxformer_lite.evaluation import corpus_metrics
 
     texts = [
         "sondern der Vater, sondern der Vater, sondern der Vater, und",  # 3-gram x3: a loop
@@ -88,9 +89,9 @@ def test_repetition_share_counts_texts_with_a_looping_3gram():
         "the the the the the",  # ("the", "the", "the") occurs 3 times
         "",
     ]
-    assert metrics.repetition_share(texts) == 0.5
-    assert metrics.repetition_share(texts, min_count=2) == 0.75
-    assert metrics.repetition_share([]) == 0.0
+    assert corpus_metrics.repetition_share(texts) == 0.5
+    assert corpus_metrics.repetition_share(texts, min_count=2) == 0.75
+    assert corpus_metrics.repetition_share([]) == 0.0
 
 
 def _constraints(lowered) -> int:
@@ -112,8 +113,8 @@ def test_eval_and_decode_programs_keep_the_models_activation_constraints():
         batch |= {f"{k}_segment_ids": jnp.ones_like(inputs), f"{k}_positions": jnp.zeros_like(inputs)}
     with jax.set_mesh(mesh):
         programs = {
-            "eval step": evaluation._eval_step.lower(params, batch, model=model, task=tasks.TRANSLATION),
-            "greedy": evaluation._greedy_translate.lower(params, inputs, model=model, max_len=6),
+            "eval step": split_metrics._eval_step.lower(params, batch, model=model, task=tasks.TRANSLATION),
+            "greedy": split_metrics._greedy_translate.lower(params, inputs, model=model, max_len=6),
             "beam": tasks.translate_fn(model, beam_size=2, alpha=0.6, max_decode_length=6).lower(
                 params, inputs
             ),

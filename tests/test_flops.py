@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import flaxformer_lite as fl
-from flaxformer_lite import flops
+from flaxformer_lite.model import flops
 
 
 def _xla_flops(fn, *args) -> float:

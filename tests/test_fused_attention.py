@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_api
 
-from flaxformer_lite import experiment, input_pipeline, models, ops, sharding, training
+from flaxformer_lite import ops, sharding
 from flaxformer_lite.config import tiny
+from flaxformer_lite.data import pipeline
+from flaxformer_lite.model import models
 from flaxformer_lite.ops import fused
+from flaxformer_lite.train import experiment, training
 from tests import reference
 
 
@@ -234,7 +237,7 @@ def test_packer_caps_sequences_per_row_and_numbers_them_contiguously():
         def keep(self, ex):
             return True
 
-    ds = input_pipeline.make_dataset(
+    ds = pipeline.make_dataset(
         list(range(64)), Tok(), batch_size=4, max_length=16, max_segments=3, shuffle=False, num_epochs=1
     )
     rows = np.concatenate([b["targets_segment_ids"] for b in ds])

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-import generate
-from flaxformer_lite import outputs, tokenizer
+from flaxformer_lite.data import tokenizer
+from flaxformer_lite.generation import formatting, interactive
 from tests import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,10 @@ def _run(reference, prepared, lines: str, **shown):
     config = tiny_config.get_config()
     config.data_dir = prepared[0]
     out, err = io.StringIO(), io.StringIO()
-    shown = outputs.Shown(prefix=True, **shown)
-    counts = generate.run(config, reference, io.BytesIO(lines.encode()), out, err, beam_size=2, shown=shown)
+    shown = formatting.Shown(prefix=True, **shown)
+    counts = interactive.run(
+        config, reference, io.BytesIO(lines.encode()), out, err, beam_size=2, shown=shown
+    )
     return counts, out.getvalue(), err.getvalue()
 
 
@@ -50,13 +52,13 @@ def test_a_failed_attention_map_loses_no_translation(reference, prepared, tmp_pa
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(outputs, "plot_attention", full_disk)
+    monkeypatch.setattr(formatting, "plot_attention", full_disk)
     out = io.StringIO()
     config = tiny_config.get_config()
     config.data_dir = prepared[0]
-    shown = outputs.Shown(prefix=True, plot_attention=str(tmp_path / "map.png"), plot_line=2)
+    shown = formatting.Shown(prefix=True, plot_attention=str(tmp_path / "map.png"), plot_line=2)
     with pytest.raises(ValueError, match=r"attention map of line 2 to .* failed \(OSError: \[Errno 28\]"):
-        generate.run(
+        interactive.run(
             config, reference, io.BytesIO(LINES.encode()), out, io.StringIO(), beam_size=2, shown=shown
         )
     _, want, _ = _run(reference, prepared, LINES)

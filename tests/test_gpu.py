@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from benchmarks.common import synthetic_batch
-from flaxformer_lite import experiment, ops
+from flaxformer_lite import ops
+from flaxformer_lite.train import experiment
 from tests import reference, tiny_config
 
 DRY_RUN = bool(os.environ.get("FLAXFORMER_GPU_DRY_RUN"))

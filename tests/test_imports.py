@@ -31,7 +31,10 @@ def test_core_modules_import_without_the_data_stack():
     """Models, training and decoding need neither sentencepiece nor TFDS; the pipeline needs no TFDS."""
     code = (
         "import sys; sys.modules['sentencepiece'] = None; sys.modules['tensorflow_datasets'] = None\n"
-        "from flaxformer_lite import decoding, input_pipeline, models, tasks, training\n"
+        "from flaxformer_lite import decoding, tasks\n"
+        "from flaxformer_lite.data import pipeline, packing, prefetch\n"
+        "from flaxformer_lite.model import models\n"
+        "from flaxformer_lite.train import training\n"
         "from flaxformer_lite.ids import EOS_ID\n"
         "assert decoding.EOS_ID == EOS_ID == 1 and tasks.get('lm').model_class is models.DecoderOnly\n"
     )

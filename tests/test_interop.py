@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from flaxformer_lite import decoding, interop  # noqa: E402
-from flaxformer_lite.models import DecoderOnly  # noqa: E402
+from flaxformer_lite.model.models import DecoderOnly  # noqa: E402
 
 pytestmark = pytest.mark.hf
 V = 101  # a prime vocabulary, distinct from every width below
@@ -169,7 +169,7 @@ def test_generate_cli_continues_prompts_like_transformers(tmp_path):
     """An imported checkpoint with its own tokenizer.json (a BPE trained here) through generate.py."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    import generate
+    from flaxformer_lite.generation import interactive
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -181,7 +181,7 @@ def test_generate_cli_continues_prompts_like_transformers(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     prompts = ["In the beginning", "", "And the earth"]
     out = io.StringIO()
-    counts = generate.run_hf(str(tmp_path), [p + "\n" for p in prompts], out, max_new_tokens=12)
+    counts = interactive.run_hf(str(tmp_path), [p + "\n" for p in prompts], out, max_new_tokens=12)
     assert counts == {"lines": 3, "empty": 1, "trimmed": 0, "replaced_bytes": 0}
     lines = out.getvalue().split("\n")
     for prompt, line in zip(prompts, lines, strict=False):
@@ -216,13 +216,13 @@ def test_generate_reads_a_sentencepiece_tokenizer_model(tmp_path, prepared):
 
     import sentencepiece as spm
 
-    import generate
+    from flaxformer_lite.generation import interactive
 
     sp = spm.SentencePieceProcessor(model_file=prepared[1])
     hf_model = _llama(tmp_path, vocab_size=sp.get_piece_size(), eos_token_id=None, bos_token_id=None)
     shutil.copy(prepared[1], tmp_path / "tokenizer.model")
     out = io.StringIO()
-    generate.run_hf(str(tmp_path), ["In the beginning God\n"], out, max_new_tokens=10)
+    interactive.run_hf(str(tmp_path), ["In the beginning God\n"], out, max_new_tokens=10)
     ids = torch.tensor([sp.encode("In the beginning God")])
     with torch.no_grad():
         new = hf_model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]

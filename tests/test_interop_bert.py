@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from flaxformer_lite import interop  # noqa: E402
-from flaxformer_lite.models import EncoderOnly  # noqa: E402
+from flaxformer_lite.model.models import EncoderOnly  # noqa: E402
 
 pytestmark = pytest.mark.hf
 V = 101

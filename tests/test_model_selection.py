@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flaxformer_lite import checkpoint, training, validation
+from flaxformer_lite.train import checkpoint, selection, training
 from tests import runs
 from tests.runs import STEPS
 
@@ -34,7 +34,7 @@ def test_best_steps_rank_ties_to_the_earlier_step_and_nan_last():
 
 
 def test_patience_stops_after_that_many_evaluations_without_a_strictly_better_score():
-    early = validation.EarlyStopping("bleu", "max", patience=2, keep_best=0)
+    early = selection.EarlyStopping("bleu", "max", patience=2, keep_best=0)
     stops = []
     for step, bleu in zip([1, 2, 3, 4, 5], [1.0, 3.0, 3.0, NAN, 2.0], strict=True):  # a tie and a NaN
         assert early.add(step, {"bleu": bleu}) == {"valid_bleu": bleu}
@@ -110,7 +110,9 @@ def _eval_json(workdir, which=""):
 
 @pytest.mark.slow
 def test_average_of_the_best_equals_numpy_and_eval_reads_it(selected, prepared):
-    proc = runs.script("-m", "flaxformer_lite.average", f"--workdir={selected}", "--best=2", "--weights=ema")
+    proc = runs.script(
+        "-m", "flaxformer_lite.tools.average", f"--workdir={selected}", "--best=2", "--weights=ema"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     best = checkpoint.best_steps(sorted(_eval_rows(selected).items()), "min", 2)
     parts = [_read(selected, s, "ema") for s in best]
@@ -123,7 +125,7 @@ def test_average_of_the_best_equals_numpy_and_eval_reads_it(selected, prepared):
     proc = runs.script("eval.py", f"--workdir={selected}", f"--config.data_dir={prepared[0]}",
                        "--checkpoint=averaged", "--beam_size=1", "--max_examples=2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = runs.script("-m", "flaxformer_lite.average", f"--workdir={selected}", "--last=5")
+    proc = runs.script("-m", "flaxformer_lite.tools.average", f"--workdir={selected}", "--last=5")
     assert proc.returncode == 1 and b"asked to average 5 but" in proc.stderr
 
 

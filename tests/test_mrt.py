@@ -1,4 +1,4 @@
-"""Minimum risk training (flaxformer_lite.mrt): its BLEU against sacrebleu, its gradient against
+"""Minimum risk training (flaxformer_lite.train.mrt): its BLEU against sacrebleu, its gradient against
 finite differences, one step moving probability towards the better candidate, and a real run."""
 
 import json
@@ -12,8 +12,9 @@ import sacrebleu
 from flax import linen as nn
 
 import flaxformer_lite as fl
-from flaxformer_lite import mrt, tasks
+from flaxformer_lite import tasks
 from flaxformer_lite.ids import EOS_ID
+from flaxformer_lite.train import mrt
 
 
 def _ids(rows, length):

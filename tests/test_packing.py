@@ -4,8 +4,8 @@ import grain
 import numpy as np
 import pytest
 
-from flaxformer_lite import input_pipeline as ip
-from flaxformer_lite import packing, token_cache
+from flaxformer_lite.data import packing, token_cache
+from flaxformer_lite.data import pipeline as ip
 from flaxformer_lite.ids import EOS_ID
 
 

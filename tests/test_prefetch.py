@@ -6,7 +6,7 @@ import grain
 import numpy as np
 import pytest
 
-from flaxformer_lite import prefetch
+from flaxformer_lite.data import prefetch
 
 
 def _iterator():

@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 import pytest
 
-from flaxformer_lite import checksums
+from flaxformer_lite.train import checksums
 from tests import runs
 from tests.runs import STEPS, TIMEOUT
 from tests.test_faults import _assert_same_run

@@ -14,7 +14,7 @@ import time
 import optax
 import pytest
 
-from flaxformer_lite import experiment, reporting
+from flaxformer_lite.train import experiment, reporting
 from tests import runs, tiny_config
 from tests.runs import STEPS, TIMEOUT
 

@@ -1,4 +1,4 @@
-"""Scoring given texts (flaxformer_lite.score) against the uncached full forward and numpy."""
+"""Scoring given texts (flaxformer_lite.tools.score) against the uncached full forward and numpy."""
 
 import io
 import json
@@ -10,7 +10,8 @@ import pytest
 from flax import linen as nn
 
 from configs import lm_compare
-from flaxformer_lite import experiment, score
+from flaxformer_lite.tools import score
+from flaxformer_lite.train import experiment
 from tests import tiny_config
 
 PAIRS = [  # short: the tiny vocabulary (400 pieces) spends many pieces per word

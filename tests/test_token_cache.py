@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from flaxformer_lite import token_cache
-from flaxformer_lite.tokenizer import train_sentencepiece
+from flaxformer_lite.data import token_cache
+from flaxformer_lite.data.tokenizer import train_sentencepiece
 
 TEXTS = [
     "In the beginning God created the heavens and the earth.",

@@ -10,7 +10,8 @@ import signal
 
 import pytest
 
-from flaxformer_lite import runtime, tokenizer
+from flaxformer_lite.data import tokenizer
+from flaxformer_lite.train import runtime
 
 
 def _texts(signal_at: int | None = None, n: int = 2000):

@@ -7,8 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-import train
-from flaxformer_lite import runtime
+from flaxformer_lite.train import loop, runtime
 from tests import tiny_config
 
 
@@ -31,7 +30,7 @@ def _run(shared, workdir, **overrides):
     spm = os.path.join(shared, "spm.model")
     if os.path.exists(spm):  # reuse the tokenizer trained by the first run
         shutil.copy(spm, os.path.join(workdir, "spm.model"))
-    final = train.train_and_evaluate(_config(shared, **overrides), workdir)
+    final = loop.train_and_evaluate(_config(shared, **overrides), workdir)
     if not os.path.exists(spm):
         shutil.copy(os.path.join(workdir, "spm.model"), spm)
     return final
@@ -102,7 +101,7 @@ def test_nan_at_a_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(sh
     import jax
     import jax.numpy as jnp
 
-    from flaxformer_lite import training
+    from flaxformer_lite.train import training
 
     real_step = training.train_step
 
@@ -143,23 +142,23 @@ def test_unwritable_workdir_fails_before_training(tmp_path, shared):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(runtime.TrainingError, match="is not writable"):
-        train.train_and_evaluate(_config(shared), str(blocker / "sub"))
+        loop.train_and_evaluate(_config(shared), str(blocker / "sub"))
 
 
 def test_bad_config_values_name_the_field(shared, tmp_path):
     with pytest.raises(ValueError, match="batch_size=8 must be divisible by grad_accum_steps=3"):
-        train.train_and_evaluate(_config(shared, grad_accum_steps=3), str(tmp_path))
+        loop.train_and_evaluate(_config(shared, grad_accum_steps=3), str(tmp_path))
     with pytest.raises(ValueError, match="task='seq2seq'"):
-        train.train_and_evaluate(_config(shared, task="seq2seq"), str(tmp_path))
+        loop.train_and_evaluate(_config(shared, task="seq2seq"), str(tmp_path))
 
 
 def test_eval_py_reports_bleu_that_sacrebleu_recomputes_from_its_files(shared, straight):
     import sacrebleu
 
-    import eval as eval_py
+    from flaxformer_lite.evaluation import run as eval_run
 
     workdir = straight[0]
-    summary = eval_py.evaluate(
+    summary = eval_run.evaluate_workdir(
         _config(shared), workdir, "test", beams=2, alpha=0.6, max_examples=10, batch_size=8
     )
     out = os.path.join(workdir, "eval")
@@ -178,15 +177,15 @@ def test_eval_py_reports_bleu_that_sacrebleu_recomputes_from_its_files(shared, s
 
 
 def test_eval_without_checkpoint_is_a_clear_error(shared, tmp_path):
-    import eval as eval_py
+    from flaxformer_lite.evaluation import run as eval_run
 
     with pytest.raises(FileNotFoundError, match="no spm.model"):
-        eval_py.evaluate(
+        eval_run.evaluate_workdir(
             _config(shared), str(tmp_path), "test", beams=1, alpha=0.6, max_examples=2, batch_size=8
         )
     shutil.copy(os.path.join(shared, "spm.model"), tmp_path / "spm.model")
     with pytest.raises(FileNotFoundError, match="no checkpoints in .*train first"):
-        eval_py.evaluate(
+        eval_run.evaluate_workdir(
             _config(shared), str(tmp_path), "test", beams=1, alpha=0.6, max_examples=2, batch_size=8
         )
 
@@ -194,11 +193,11 @@ def test_eval_without_checkpoint_is_a_clear_error(shared, tmp_path):
 def test_generate_cli_translates_each_line_and_counts_bad_input(shared, straight):
     import io
 
-    import generate
+    from flaxformer_lite.generation import interactive
 
     lines = ["In the beginning God created the heavens.\n", "\n", "word " * 200 + "\n", "Zeichen: 日本\n"]
     out, err = io.StringIO(), io.StringIO()
-    counts = generate.run(_config(shared), straight[0], lines, out, err, beam_size=2)
+    counts = interactive.run(_config(shared), straight[0], lines, out, err, beam_size=2)
     assert {k: counts[k] for k in ("lines", "empty", "trimmed")} == {"lines": 4, "empty": 1, "trimmed": 1}
     assert counts["byte_fallback_tokens"] >= 2  # 日 and 本 are not in a 400-piece Bible vocabulary
     assert len(out.getvalue().split("\n")) == 5 and out.getvalue().split("\n")[1] == ""
@@ -227,7 +226,7 @@ def test_users_own_text_files_train_end_to_end(tmp_path, task):
         checkpoint_every=4,
         bleu_examples=4,
     )
-    final = train.train_and_evaluate(config, str(tmp_path / "work"))
+    final = loop.train_and_evaluate(config, str(tmp_path / "work"))
     assert np.isfinite(final["nll"]) and (task == "lm" or "bleu" in final)
 
 
@@ -235,7 +234,8 @@ def test_users_own_text_files_train_end_to_end(tmp_path, task):
 def test_validation_beam_search_is_traced_once_for_every_evaluation(prepared, reference, monkeypatch):
     """valid_beam_size > 1 built a new jitted translate_fn at each validation: traced and compiled
     again every eval_every steps."""
-    from flaxformer_lite import decoding, experiment
+    from flaxformer_lite import decoding
+    from flaxformer_lite.train import experiment
 
     traced = []
     real = decoding.translate_outputs
@@ -244,7 +244,36 @@ def test_validation_beam_search_is_traced_once_for_every_evaluation(prepared, re
     config.data_dir, config.valid_beam_size, config.bleu_examples, config.eval_batches = prepared[0], 2, 4, 1
     exp = experiment.build(config, reference, tokenizer="load")
     _, params = exp.restore_params()
-    first = train.evaluate(exp, params, with_bleu=True)
+    first = loop.evaluate(exp, params, with_bleu=True)
     once = len(traced)
-    second = train.evaluate(exp, params, with_bleu=True)
+    second = loop.evaluate(exp, params, with_bleu=True)
     assert len(traced) == once and first["bleu"] == second["bleu"]
+
+
+def _eval_rows(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r["step"] for r in rows if r["split"] == "eval"]
+
+
+def test_valid_metric_scores_the_last_step_once(shared, tmp_path, monkeypatch):
+    """The loop scores the last step (valid_metric) and the final evaluation reuses it: one
+    evaluation and one eval row per scored step (the last one was evaluated twice, logged twice)."""
+    calls = []
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    workdir = str(tmp_path / "metric")
+    final = _run(shared, workdir, valid_metric="loss", eval_every=4, num_train_steps=8, checkpoint_every=4)
+    assert len(calls) == 2 and _eval_rows(workdir) == [4, 8]
+    assert "bleu" in final and final == json.load(open(os.path.join(workdir, "final_metrics.json")))
+
+
+def test_a_stop_at_an_eval_step_still_evaluates_that_step(shared, tmp_path, monkeypatch):
+    """A signal at step 4 (= eval_every) saves step 4 with its score; the rerun starts at 5, so an
+    evaluation skipped there would never happen."""
+    monkeypatch.setattr(
+        runtime.StopRequests, "requested", lambda self, step, manager: "SIGTERM" if step == 4 else None
+    )
+    workdir = str(tmp_path / "stopped")
+    with pytest.raises(runtime.Stopped, match="saved step 4 after SIGTERM"):
+        _run(shared, workdir, valid_metric="loss", eval_every=4, num_train_steps=8, checkpoint_every=4)
+    assert _eval_rows(workdir) == [4]

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import flaxformer_lite as fl
-from flaxformer_lite import ops, sharding, tasks, training
+from flaxformer_lite import ops, sharding, tasks
+from flaxformer_lite.train import training
 
 
 def test_noam_schedule_matches_formula():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from flaxformer_lite import datasets
-from flaxformer_lite.datasets import text_files, writer
+from flaxformer_lite.data import datasets
+from flaxformer_lite.data.datasets import text_files, writer
 
 
 class _Pairs:

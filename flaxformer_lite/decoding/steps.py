@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flaxformer_lite.decoding.beam import beam_search_outputs, length_penalty
 from flaxformer_lite.decoding.sampling import call_step, sample, sample_outputs
 from flaxformer_lite.ids import EOS_ID, PAD_ID
-from flaxformer_lite.models import variant
+from flaxformer_lite.model.models import variant
 
 ENSEMBLE_MODES = ("log", "prob")
 

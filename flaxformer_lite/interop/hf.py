@@ -98,7 +98,7 @@ class _Tensors:
 
 def model_class(cfg: ModelConfig):
     """The model family a config of an imported checkpoint builds."""
-    from flaxformer_lite.models import DecoderOnly, EncoderDecoder, EncoderOnly
+    from flaxformer_lite.model.models import DecoderOnly, EncoderDecoder, EncoderOnly
 
     if cfg.num_encoder_layers and cfg.num_decoder_layers:
         return EncoderDecoder
@@ -112,7 +112,7 @@ def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from flax import linen as nn
     from flax import traverse_util
 
-    from flaxformer_lite.models import EncoderDecoder
+    from flaxformer_lite.model.models import EncoderDecoder
 
     ids = jnp.ones((1, 1), jnp.int32)
     cls = model_class(cfg)

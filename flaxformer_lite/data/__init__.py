@@ -1,0 +1,1 @@
+"""Corpora to batches: TFDS builders, SentencePiece, the token cache, packing, prefetch."""

@@ -1,0 +1,1 @@
+"""Scores of a trained model: loss/perplexity/BLEU, classification metrics, ensembles."""

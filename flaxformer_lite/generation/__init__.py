@@ -1,0 +1,1 @@
+"""Decoding given inputs for people: translations, continuations, n-best, alignments, plots."""

@@ -1,0 +1,1 @@
+"""Flax Linen layers and the three model families, and their FLOP counts."""

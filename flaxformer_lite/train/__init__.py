@@ -1,0 +1,1 @@
+"""Building an experiment, the train step, the loop, checkpoints, model selection, reports."""
