@@ -10,10 +10,28 @@ import threading
 
 from absl import flags, logging
 
-from flaxformer_lite.train import reporting
-
 # What a user can fix (bad config, missing or bad files, a full disk): one line, no traceback.
 USER_ERRORS = (ValueError, OSError)
+
+# Errors of background threads and finalizers (see cli.quiet_console): the log file only.
+BACKGROUND_LOGGER = "flaxformer_lite.background"
+
+
+class QuietLibraries:
+    """Console log filter: orbax/TFDS/grain INFO chatter and tracebacks hidden (they go to the log file).
+
+    Their plain warnings are still shown; our own one-line errors say what failed.
+    """
+
+    # asyncio: "Task exception was never retrieved" for each of orbax's failed writes (a full disk).
+    NOISY = ("orbax", "tensorflow_datasets", "grain", "etils", "asyncio")
+
+    def filter(self, record) -> bool:
+        if record.name == BACKGROUND_LOGGER:  # errors of threads and finalizers while a script exits
+            return False
+        if not any(f"/{n}/" in record.pathname for n in self.NOISY):
+            return True
+        return record.levelno >= 30 and not record.exc_info
 
 
 def quiet_console() -> None:
@@ -23,8 +41,8 @@ def quiet_console() -> None:
     follow-on errors ("Event loop is closed") as they shut down; the main thread's one-line error says
     what failed. An uncaught error of the main thread still prints its traceback.
     """
-    logging.get_absl_handler().addFilter(reporting.QuietLibraries())
-    background = pylogging.getLogger(reporting.BACKGROUND_LOGGER)
+    logging.get_absl_handler().addFilter(QuietLibraries())
+    background = pylogging.getLogger(BACKGROUND_LOGGER)
     main_thread_hook = sys.excepthook
 
     def excepthook(*exc_info):  # also what C threads (tensorstore's callbacks) report through

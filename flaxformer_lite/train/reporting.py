@@ -14,26 +14,6 @@ from absl import logging
 
 from flaxformer_lite.train.runtime import TrainingError
 
-# Errors of background threads and finalizers (see cli.quiet_console): the log file only.
-BACKGROUND_LOGGER = "flaxformer_lite.background"
-
-
-class QuietLibraries:
-    """Console log filter: orbax/TFDS/grain INFO chatter and tracebacks hidden (they go to the log file).
-
-    Their plain warnings are still shown; our own one-line errors say what failed.
-    """
-
-    # asyncio: "Task exception was never retrieved" for each of orbax's failed writes (a full disk).
-    NOISY = ("orbax", "tensorflow_datasets", "grain", "etils", "asyncio")
-
-    def filter(self, record) -> bool:
-        if record.name == BACKGROUND_LOGGER:  # errors of threads and finalizers while a script exits
-            return False
-        if not any(f"/{n}/" in record.pathname for n in self.NOISY):
-            return True
-        return record.levelno >= 30 and not record.exc_info
-
 
 class _LogFile(pylogging.FileHandler):
     """A log file that, when it cannot be written (a full disk), says so once and stops.
