@@ -31,6 +31,7 @@ from flaxformer_lite.train import checkpoint, init_from, runtime, selection, tra
 from flaxformer_lite.train.run_config import (  # noqa: F401  (re-exported: experiment.validate, ...)
     NOT_ARCHITECTURE,
     RESUMABLE_CHANGES,
+    differences,
     make_optimizer,
     model_config,
     refuse_other_data,
@@ -352,9 +353,8 @@ class Experiment:
         theirs = model_config(saved, self.model.config.vocab_size)
         ours = self.model.config
         differ = [
-            f"{f.name}={getattr(theirs, f.name)!r} in the checkpoint but {getattr(ours, f.name)!r} here"
-            for f in dataclasses.fields(ours)
-            if f.name not in NOT_ARCHITECTURE and getattr(theirs, f.name) != getattr(ours, f.name)
+            f"{name}={was!r} in the checkpoint but {now!r} here"
+            for name, was, now in differences(theirs, ours, skip=NOT_ARCHITECTURE)
         ]
         if differ:
             raise checkpoint.CheckpointMismatchError(
@@ -468,9 +468,7 @@ def _check_tokenizer_options(path: str, options: dict) -> None:
         return
     fix = f"delete it and {path!r}, then rerun train.py (it trains the tokenizer again)"
     saved = files.read_json(path + ".options.json", fix)
-    differ = [
-        f"{k}={saved[k]!r} there but {v!r} here" for k, v in options.items() if k in saved and saved[k] != v
-    ]
+    differ = [f"{k}={was!r} there but {now!r} here" for k, was, now in differences(saved, options)]
     if differ:
         raise ValueError(
             f"bad config: the workdir's tokenizer {path!r} was trained with {'; '.join(differ)}; use its "

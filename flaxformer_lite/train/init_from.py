@@ -9,7 +9,6 @@ by shape), or the copied weights would compute something else.
 
 from __future__ import annotations
 
-import dataclasses
 import filecmp
 import json
 import os
@@ -79,7 +78,7 @@ def adopt_tokenizer(init_from: str, workdir: str):
 
 def check_architecture(init_from: str, model_cfg, family: str) -> None:
     """One-line error naming the ModelConfig fields where the pretrained body differs from ours."""
-    from flaxformer_lite.train.run_config import NOT_ARCHITECTURE, model_config
+    from flaxformer_lite.train.run_config import NOT_ARCHITECTURE, differences, model_config
 
     saved = saved_config(init_from)
     if not saved or "model" not in saved:
@@ -91,9 +90,7 @@ def check_architecture(init_from: str, model_cfg, family: str) -> None:
     }
     skip = set(NOT_ARCHITECTURE) | set(HEAD_FIELDS) | set(unused.get(family, ()))
     differ = [
-        f"{f.name}={getattr(theirs, f.name)!r} there but {getattr(model_cfg, f.name)!r} here"
-        for f in dataclasses.fields(model_cfg)
-        if f.name not in skip and getattr(theirs, f.name) != getattr(model_cfg, f.name)
+        f"{name}={was!r} there but {now!r} here" for name, was, now in differences(theirs, model_cfg, skip)
     ]
     if differ:
         raise ValueError(

@@ -7,7 +7,10 @@ resumed from a checkpoint may change (train.py, through `Experiment.for_resume`)
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import jax
 
@@ -70,14 +73,29 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def differences(old, new, skip: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(name, old value, new value) for each field of `new` that `old` also has, with another value.
+
+    `old` and `new` are mappings or dataclass instances (their fields, not recursed into); in the
+    order of `new`'s fields. Fields in `skip`, and fields only one side has, are not compared.
+    """
+    old, new = _fields(old), _fields(new)
+    return [(k, old[k], v) for k, v in new.items() if k not in skip and k in old and old[k] != v]
+
+
+def _fields(x) -> Mapping:
+    if isinstance(x, Mapping):
+        return x
+    return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+
+
 def resume_changes(saved: dict, config) -> tuple[list[str], list[str]]:
     """(refused, allowed): the fields that differ between a checkpoint's saved config and `config`,
     as "field: old -> new". Fields the saved config lacks (added to the code since) are not compared."""
     old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
     refused, allowed = [], []
-    for key in sorted(old.keys() & new.keys()):
-        if old[key] != new[key]:
-            (allowed if key in RESUMABLE_CHANGES else refused).append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    for key, was, now in sorted(differences(old, new), key=lambda d: d[0]):
+        (allowed if key in RESUMABLE_CHANGES else refused).append(f"{key}: {was!r} -> {now!r}")
     return refused, allowed
 
 
