@@ -38,7 +38,8 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(f"flaxformer_lite.{_LAZY[name]}"), name)
+        value = globals()[name] = getattr(importlib.import_module(f"flaxformer_lite.{_LAZY[name]}"), name)
+        return value  # kept: later lookups (and pdoc, which reads the module's __dict__) find it there
     raise AttributeError(f"module 'flaxformer_lite' has no attribute {name!r}")
 
 
