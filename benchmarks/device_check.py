@@ -160,8 +160,9 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    if args.dry_run:
-        env.update(JAX_PLATFORMS="cpu", FLAXFORMER_GPU_DRY_RUN="1")
+    if args.dry_run:  # one CPU device, as the GPU machine has one GPU (a test runner may have set 8)
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        env.update(JAX_PLATFORMS="cpu", FLAXFORMER_GPU_DRY_RUN="1", XLA_FLAGS=" ".join(flags))
     else:
         env.setdefault("JAX_PLATFORMS", "cuda,cpu")
     rows = []
