@@ -18,7 +18,8 @@ from flaxformer_lite.data import packing
 from flaxformer_lite.ids import EOS_ID
 
 
-def _text(value) -> str:
+def text_of(value) -> str:
+    """A text feature as str (TFDS gives bytes)."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -51,7 +52,7 @@ class Tokenize:
         out = {}
         for name, feature in self.keys.items():
             # A tokenizer with a separate target side (Marian's target.spm) has encode_targets.
-            ids = getattr(self.sp, f"encode_{name}", self.sp.encode)(_text(example[feature]))
+            ids = getattr(self.sp, f"encode_{name}", self.sp.encode)(text_of(example[feature]))
             self.stats.byte_fallback_tokens += int(self._byte_ids[ids].sum()) if ids else 0
             if len(ids) >= self.max_length:
                 self.stats.trimmed += 1

@@ -29,13 +29,10 @@ import tqdm
 from absl import logging
 
 from flaxformer_lite import files
+from flaxformer_lite.data.pipeline import text_of
 
 CHUNK = 8192  # examples read and encoded at a time
 VERSION = 1
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def cache_name(split: str, model_path: str, source_id: str, features: dict[str, str]) -> str:
@@ -116,7 +113,7 @@ def _read_texts(source, start: int, stop: int, features: list[str]) -> list[list
     if hasattr(source, "texts"):  # datasets.CheckedSource over Text features
         rows = source.texts(start, stop, features)
     else:
-        rows = [tuple(_text(e[f]) for f in features) for e in source.__getitems__(list(range(start, stop)))]
+        rows = [tuple(text_of(e[f]) for f in features) for e in source.__getitems__(list(range(start, stop)))]
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in features]
 
 

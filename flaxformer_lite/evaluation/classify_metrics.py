@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from flaxformer_lite import cli, files, sharding
+from flaxformer_lite.data.pipeline import text_of
 from flaxformer_lite.tasks import classification
 
 # Jitted once per model (Linen modules hash by value), as evaluation.py's steps.
@@ -22,10 +23,6 @@ _probabilities = jax.jit(
     sharding.under_rules(lambda params, batch, *, model: classification.probabilities(model, params, batch)),
     static_argnames=("model",),
 )
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def predict(exp, params, split: str, max_examples: int = 0):
@@ -77,7 +74,7 @@ def evaluate_and_write(
     header = [*texts, "label", "prediction", *(f"p({n})" for n in names)]
     rows = ["\t".join(header)]
     for i, (p, y) in enumerate(zip(probs, labels, strict=True)):
-        fields = [_text(source[i][t]).replace("\t", " ").replace("\n", " ") for t in texts]
+        fields = [text_of(source[i][t]).replace("\t", " ").replace("\n", " ") for t in texts]
         rows.append("\t".join([*fields, names[y], names[int(p.argmax())], *(f"{x:.6f}" for x in p)]))
     summary["files"] = prefix + ".*"
     os.makedirs(out_dir, exist_ok=True)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxformer_lite.data.pipeline import TokenizeStats
+from flaxformer_lite.data.pipeline import TokenizeStats, text_of
 from flaxformer_lite.ids import EOS_ID, MASK_ID, PAD_ID
 from flaxformer_lite.model.models import DecoderOnly
 from flaxformer_lite.ops import pooling
@@ -49,10 +49,6 @@ def text_features(features) -> list[str]:
             f"and 'text_b') and a ClassLabel 'label' (e.g. bible_paraphrase, tsv_classify)."
         )
     return names
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class Tokenize:
@@ -90,7 +86,7 @@ class Tokenize:
 
     def __call__(self, example: dict) -> dict:
         self.stats.examples += 1
-        texts = [_text(example[f]) for f in self.texts]
+        texts = [text_of(example[f]) for f in self.texts]
         ids, types = self.encode(texts[:1] + [t for t in texts[1:] if t])  # "" second text: a single one
         label = np.full(len(ids), int(example.get(LABEL, 0)), np.int32)
         return {"targets": ids, "token_types": types, "labels": label}
@@ -122,7 +118,7 @@ class NextSentencePairs:
         partner = index + 1
         while not is_next and partner in (index, index + 1) and n > 2:
             partner = int(rng.integers(n))
-        text = lambda i: _text(self.source[i][self.feature])  # noqa: E731
+        text = lambda i: text_of(self.source[i][self.feature])  # noqa: E731
         return {"text_a": text(index), "text_b": text(partner), LABEL: int(is_next)}
 
 

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from flaxformer_lite import files
+from flaxformer_lite.data.pipeline import text_of
 
 OUR_BUILDERS = (
     "bible_translate", "bible_lm", "tsv_translate", "text_lm",
@@ -157,7 +158,7 @@ class CheckedSource:
             return [tuple(p[f].bytes_list.value[0].decode("utf-8") for f in features) for p in parsed]
         except IndexError:  # not one text per feature (another feature type): TFDS's decoding
             examples = self.__getitems__(keys)
-            return [tuple(_as_text(e[f]) for f in features) for e in examples]
+            return [tuple(text_of(e[f]) for f in features) for e in examples]
 
     def _unreadable(self, keys, e: Exception) -> files.UnreadableFileError:
         shards = sorted({bisect.bisect_right(self.ends, int(k)) for k in keys})
@@ -166,10 +167,6 @@ class CheckedSource:
 
     def __repr__(self) -> str:
         return f"CheckedSource({self.source!r})"
-
-
-def _as_text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def supervised_keys(name: str, data_dir: str, reverse: bool = False, **builder_kwargs) -> tuple[str, str]:
