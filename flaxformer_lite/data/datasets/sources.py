@@ -18,7 +18,9 @@ from flaxformer_lite.data.pipeline import text_of
 OUR_BUILDERS = (
     "bible_translate", "bible_lm", "tsv_translate", "text_lm",
     "bible_paraphrase", "bible_version", "tsv_classify",  # classification (issue 30)
+    "bible_long",  # long documents (issue 39)
 )  # fmt: skip
+LONG_TEXT_BYTES = 4000  # a tokenizer-training text past this is given line by line (training_texts)
 
 
 def default_data_dir(workdir: str) -> str:
@@ -208,7 +210,9 @@ def training_texts(
     order), so the tokenizer's time and memory do not grow with the corpus; smaller splits are read
     whole. Each text once: a corpus of aligned versions (every source version paired with every
     target version) repeats each sentence once per pairing, which would only slow SentencePiece down.
-    Read `chunk` examples at a time (`__getitems__`: several times faster than one by one).
+    A text longer than `LONG_TEXT_BYTES` (a long document: SentencePiece skips sentences past its
+    max_sentence_length of 4096 bytes) is given line by line. Read `chunk` examples at a time
+    (`__getitems__`: several times faster than one by one).
     """
     n = len(source)
     if n > max_examples:
@@ -226,6 +230,8 @@ def training_texts(
             for feature in features:
                 value = example[feature]
                 text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-                if text not in seen:
-                    seen.add(text)
-                    yield text
+                long = len(text) > LONG_TEXT_BYTES // 4 and len(text.encode()) > LONG_TEXT_BYTES
+                for part in text.splitlines() if long else [text]:
+                    if part not in seen:
+                        seen.add(part)
+                        yield part
