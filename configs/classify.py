@@ -43,7 +43,6 @@ def get_config():
     # A workdir of ours to start from (an MLM run for classify, an LM run for classify_causal): its
     # tokenizer and body are loaded, the classifier is new. "" = from scratch.
     c.init_from = ""
-    c.freeze_body = False  # True: train only the pooler and classifier (feature extraction)
     c.batch_size = 32
     c.num_train_steps = 300
     c.schedule = "cosine"

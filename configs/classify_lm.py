@@ -9,7 +9,6 @@ from configs import classify, classify_mlm
 
 def get_config():
     c = classify_mlm.get_config()
-    del c.next_sentence
     c = classify.body(c, encoder=False)
     c.model.overrides.type_vocab_size = 0
     c.task = "lm"

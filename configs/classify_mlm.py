@@ -15,7 +15,6 @@ def get_config():
     c.dataset_name = "bible_lm"
     # BERT's second objective: each example is a pair of verses, the next one or a random one
     # (50/50), and the first-token head predicts which. False: plain MLM on single verses.
-    c.next_sentence = False
     c.batch_size = 32
     c.num_train_steps = 1200
     c.schedule = "cosine"

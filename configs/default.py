@@ -68,6 +68,8 @@ def get_config():
     # A workdir of ours to start from (its newest checkpoint's params, its tokenizer): pretraining
     # then fine-tuning; a classifier's head stays new (flaxformer_lite/init_from.py). "" = none.
     c.init_from = ""
+    c.freeze_body = False  # classification: True trains only the pooler and classifier
+    c.next_sentence = False  # task="mlm": also BERT's next-sentence pairs (configs/classify_mlm.py)
     # ---- optimisation
     c.num_train_steps = 100_000
     # cosine: the steps it decays over; 0 = the num_train_steps the run starts with (a resumed run

@@ -13,6 +13,13 @@ from absl import flags, logging
 # What a user can fix (bad config, missing or bad files, a full disk): one line, no traceback.
 USER_ERRORS = (ValueError, OSError)
 
+
+def need(ok: bool, message: str) -> None:
+    """Raise the one-line `ValueError("bad config: <message>")` unless `ok` (config checks)."""
+    if not ok:
+        raise ValueError(f"bad config: {message}")
+
+
 # Errors of background threads and finalizers (see cli.quiet_console): the log file only.
 BACKGROUND_LOGGER = "flaxformer_lite.background"
 

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flaxformer_lite.train import checkpoint, selection, training
+from flaxformer_lite.train import selection, training
 from tests import runs
 from tests.runs import STEPS
 
@@ -28,9 +28,9 @@ NAN = float("nan")
 
 def test_best_steps_rank_ties_to_the_earlier_step_and_nan_last():
     scores = [(4, 10.0), (8, 12.0), (12, NAN), (16, 12.0), (20, 11.0)]
-    assert checkpoint.best_steps(scores, "max", 3) == [8, 16, 20]
-    assert checkpoint.best_steps(scores, "max", 5) == [8, 16, 20, 4, 12]
-    assert checkpoint.best_steps(scores, "min", 2) == [4, 20]
+    assert selection.best_steps(scores, "max", 3) == [8, 16, 20]
+    assert selection.best_steps(scores, "max", 5) == [8, 16, 20, 4, 12]
+    assert selection.best_steps(scores, "min", 2) == [4, 20]
 
 
 def test_patience_stops_after_that_many_evaluations_without_a_strictly_better_score():
@@ -91,7 +91,7 @@ def _eval_rows(workdir):
 def test_keep_best_keeps_the_best_steps_of_the_log_and_eval_reads_the_best(selected, prepared):
     scores = _eval_rows(selected)
     assert sorted(scores) == [4, 8, 12, 16, 20, 24]
-    best = checkpoint.best_steps(sorted(scores.items()), "min", 2)
+    best = selection.best_steps(sorted(scores.items()), "min", 2)
     kept = sorted(int(d) for d in os.listdir(os.path.join(selected, "checkpoints")) if d.isdigit())
     assert kept == sorted(set(best) | {STEPS})  # the two best by the log, and the newest
     proc = runs.script("eval.py", f"--workdir={selected}", f"--config.data_dir={prepared[0]}",
@@ -114,7 +114,7 @@ def test_average_of_the_best_equals_numpy_and_eval_reads_it(selected, prepared):
         "-m", "flaxformer_lite.tools.average", f"--workdir={selected}", "--best=2", "--weights=ema"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    best = checkpoint.best_steps(sorted(_eval_rows(selected).items()), "min", 2)
+    best = selection.best_steps(sorted(_eval_rows(selected).items()), "min", 2)
     parts = [_read(selected, s, "ema") for s in best]
     averaged = _read(selected, max(best), "params", folder="averaged")
     for name, value in averaged.items():

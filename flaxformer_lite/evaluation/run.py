@@ -58,7 +58,7 @@ def evaluate_workdir(config, workdir: str, split: str, *, beams: int, alpha: flo
         summary.update(beam_size=beams, alpha=alpha, length_penalty=length_penalty)
         if members:  # BLEU/chrF of the ensemble; perplexity is --workdir's model's alone
             summary.update(ensemble=[workdir, *members], ensemble_mode=ensemble_mode)
-    if config.get("init_from_hf"):
+    if config.init_from_hf:
         summary["init_from_hf"] = config.init_from_hf
     summary.update(result, files=prefix + ".*")
     outputs[f"{prefix}.json"] = json.dumps(summary, indent=1)

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flaxformer_lite import cli, files
-from flaxformer_lite.train import checkpoint, experiment, training
+from flaxformer_lite.train import checkpoint, experiment, selection, training
 
 
 def choose_steps(ckpt: checkpoint.Checkpointer, last: int = 0, best: int = 0) -> list[int]:
@@ -33,7 +33,7 @@ def choose_steps(ckpt: checkpoint.Checkpointer, last: int = 0, best: int = 0) ->
     steps, n = ckpt.steps(), last or best
     if best:
         metric, mode, scores = ckpt.scores()
-        steps = checkpoint.best_steps(scores, mode, n)
+        steps = selection.best_steps(scores, mode, n)
         what = f"checkpoints with a validation score ({metric})"
     else:
         steps, what = steps[-n:], "checkpoints"

@@ -17,7 +17,6 @@ mismatch: that raises an error naming the parameter. Checkpoints of flaxformer_l
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 
@@ -77,43 +76,6 @@ def _check_shapes(saved_tree, abstract_state, step: int, ckpt: Checkpointer) -> 
         raise CheckpointMismatchError(f"checkpoint has parameters the model lacks: {extra[:5]}. {fix}")
 
 
-@dataclasses.dataclass
-class _NewestHealthy:
-    """orbax preservation policy: never delete the newest checkpoint saved with a healthy loss."""
-
-    def should_preserve(self, checkpoints, *, context) -> list[bool]:
-        del context
-        healthy = [i for i, c in enumerate(checkpoints) if (c.metrics or {}).get("healthy", 1.0) > 0]
-        return [bool(healthy) and i == healthy[-1] for i in range(len(checkpoints))]
-
-
-def best_steps(scores: list[tuple[int, float]], mode: str, n: int) -> list[int]:
-    """The `n` best steps of (step, score) pairs, best first: highest scores for mode "max", lowest
-    for "min"; NaN ranks last; of equal scores the earlier step ranks first (it got there first)."""
-
-    def key(item):
-        step, score = item
-        nan = score != score
-        return (nan, 0.0 if nan else (-score if mode == "max" else score), step)
-
-    return [step for step, _ in sorted(scores, key=key)[:n]]
-
-
-@dataclasses.dataclass
-class _BestScores:
-    """orbax preservation policy: keep the `n` steps with the best validation `metric`."""
-
-    metric: str
-    mode: str
-    n: int
-
-    def should_preserve(self, checkpoints, *, context) -> list[bool]:
-        del context
-        scored = [(i, (c.metrics or {}).get(self.metric)) for i, c in enumerate(checkpoints)]
-        keep = set(best_steps([(i, v) for i, v in scored if v is not None and v == v], self.mode, self.n))
-        return [i in keep for i in range(len(checkpoints))]
-
-
 class Checkpointer:
     """Saves every `save_every` steps (and when forced), keeps the newest `keep`, asynchronously.
 
@@ -130,9 +92,9 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.metric, self.mode = metric, mode
         policies = ocp.checkpoint_managers
-        keep_policy = [policies.LatestN(keep), _NewestHealthy()]
+        keep_policy = [policies.LatestN(keep), selection.NewestHealthy()]
         if keep_best:
-            keep_policy.append(_BestScores(metric, mode, keep_best))
+            keep_policy.append(selection.BestScores(metric, mode, keep_best))
         keep_policy = policies.AnyPreservationPolicy(keep_policy)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
@@ -359,7 +321,7 @@ class Checkpointer:
         The score is this Checkpointer's metric, or else the one the checkpoints carry (a reader
         whose config does not name the valid_metric the run was trained with)."""
         _, mode, scores = self.scores()
-        ranked = best_steps(scores, mode, 1)
+        ranked = selection.best_steps(scores, mode, 1)
         return ranked[0] if ranked else None
 
     def scores(self) -> tuple[str, str, list[tuple[int, float]]]:

@@ -120,7 +120,7 @@ class Experiment:
         return variant(self.model, deterministic=True)
 
     def tokenize(self, stats: ip.TokenizeStats | None = None, keys: dict | None = None) -> ip.Tokenize:
-        if self.task.classifies or self.config.get("next_sentence"):  # [CLS] a [SEP] b [SEP], label
+        if self.task.classifies or self.config.next_sentence:  # [CLS] a [SEP] b [SEP], label
             texts = list((keys or self.data.keys).values()) if self.task.classifies else ["text_a", "text_b"]
             return classification.Tokenize(self.tokenizer, texts, self.config.max_length, stats)
         return ip.Tokenize(self.tokenizer, keys or self.data.keys, self.config.max_length, stats)
@@ -147,7 +147,7 @@ class Experiment:
         c = self.config
         model_path = os.path.join(self.workdir or "", "spm.model")
         plain = isinstance(self.tokenizer, spm.SentencePieceProcessor) and os.path.isfile(model_path)
-        if not (c.token_cache and plain and self.workdir) or self.task.classifies or c.get("next_sentence"):
+        if not (c.token_cache and plain and self.workdir) or self.task.classifies or c.next_sentence:
             return None
         source, cache_dir = self.data.open(split), os.path.join(self.workdir, "tokens")
         return runtime.process_zero_first(
@@ -165,7 +165,7 @@ class Experiment:
     def _dataset(self, split: str, tokenize, *, train: bool, source=None):
         c = self.config
         source = source if source is not None else self.data.open(split)
-        if c.get("next_sentence"):  # BERT's next-sentence pairs of consecutive texts (MLM)
+        if c.next_sentence:  # BERT's next-sentence pairs of consecutive texts (MLM)
             source = classification.NextSentencePairs(source, c.seed, self.data.keys["targets"])
         return ip.make_dataset(
             source,
@@ -187,7 +187,7 @@ class Experiment:
     @property
     def ema(self) -> bool:
         """Whether the train state keeps an exponential moving average of the params."""
-        return bool(self.config.get("ema_decay"))
+        return bool(self.config.ema_decay)
 
     def init_state(self, rng: jax.Array):
         """(TrainState, shardings), initialised directly sharded on the mesh."""
@@ -216,7 +216,7 @@ class Experiment:
             label_smoothing=c.label_smoothing,
             grad_accum_steps=c.grad_accum_steps,
             sampling_schedule=sampling,
-            ema_decay=c.get("ema_decay", 0.0),
+            ema_decay=c.ema_decay,
             objective=self._objective(),
         )
         with jax.set_mesh(self.mesh):
@@ -230,7 +230,7 @@ class Experiment:
     def _objective(self):
         """The loss the train step minimises: None (token-level) or minimum risk (mrt.py)."""
         c = self.config
-        if c.get("objective", "mle") != "mrt":
+        if c.objective != "mrt":
             return None
         from flaxformer_lite.train import mrt
 
@@ -246,7 +246,7 @@ class Experiment:
         c = self.config
         options = dict(save_every=c.checkpoint_every, keep=c.keep_checkpoints, async_save=c.async_checkpoints)
         key, mode = selection.metric(c) or ("", "max")
-        options.update(keep_best=c.get("keep_best", 0), metric=f"valid_{key}", mode=mode)
+        options.update(keep_best=c.keep_best, metric=f"valid_{key}", mode=mode)
         directory = kwargs.pop("directory", self.checkpoint_dir)
         return checkpoint.Checkpointer(directory, **{**options, **kwargs})
 
@@ -254,7 +254,7 @@ class Experiment:
         """The params of the `init_from_hf` checkpoint (or, with `init_from`, of a pretrained workdir of
         ours), placed as `shardings` (a matching tree). With `fresh` (the new model's initial params)
         for a classifier or `init_from`, only what both hold is copied in; the head stays new."""
-        if self.config.get("init_from"):
+        if self.config.init_from:
             family = self.task.model_class.__name__
             init_from.check_architecture(self.config.init_from, self.model.config, family)
             step, params = init_from.read_params(self.config.init_from)
@@ -264,7 +264,7 @@ class Experiment:
 
             _, params = interop.from_hf(self.config.init_from_hf)
             source = self.config.init_from_hf
-        if fresh is not None and (self.task.classifies or self.config.get("init_from")):
+        if fresh is not None and (self.task.classifies or self.config.init_from):
             params, _ = init_from.merge(params, fresh, source)
         dtype = self.model.config.param_dtype
         return jax.tree.map(lambda s, x: jax.device_put(np.asarray(x, dtype), s), shardings, params)
@@ -303,7 +303,7 @@ class Experiment:
         ckpt_dir = self.averaged_dir if checkpoint == "averaged" else self.checkpoint_dir
         has_checkpoints = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
         abstract = training.abstract_params(self.model, self.task, self.batch_shape, self.mesh)
-        if self.config.get("init_from_hf") and checkpoint == "last" and not has_checkpoints:
+        if self.config.init_from_hf and checkpoint == "last" and not has_checkpoints:
             return 0, self.imported_params(jax.tree.map(lambda a: a.sharding, abstract))
         if not has_checkpoints:  # checked first: opening a Checkpointer creates the directory
             hint = (
@@ -366,7 +366,7 @@ class Experiment:
 
 def _new_params(config, workdir: str | None, model, task) -> tuple[str, ...]:
     """With freeze_body: the model's params the pretrained source lacks, trained with the head."""
-    if not config.get("freeze_body"):
+    if not config.freeze_body:
         return ()
     batch = task.example_batch(1, config.max_length)
     shapes = nn.unbox(jax.eval_shape(lambda: task.init(model, jax.random.key(0), batch)["params"]))
@@ -400,12 +400,12 @@ def build(
     data, sp = None, None
     if tokenizer == "none":
         vocab = vocab_size
-    elif config.get("init_from_hf"):  # the imported checkpoint's own tokenizer and vocabulary
+    elif config.init_from_hf:  # the imported checkpoint's own tokenizer and vocabulary
         from flaxformer_lite import interop
 
         data = Data.from_config(config, workdir, task)
         sp, vocab = interop.load_tokenizer(config.init_from_hf), None
-    elif config.get("init_from"):  # a pretrained run of ours: its tokenizer, copied into workdir
+    elif config.init_from:  # a pretrained run of ours: its tokenizer, copied into workdir
         data = Data.from_config(config, workdir, task)
         sp = init_from.adopt_tokenizer(config.init_from, workdir)
         vocab = sp.get_piece_size()
@@ -416,7 +416,7 @@ def build(
     if task.classifies:  # as many classes as the dataset has
         config = classification.with_classes(config, len(data.labels) if data else 2)
     model = task.model_class(model_config(config, vocab))
-    if config.get("init_from_hf"):
+    if config.init_from_hf:
         from flaxformer_lite import interop
 
         imported = interop.model_class(model.config)

@@ -107,7 +107,7 @@ def new_params(config, workdir: str | None, names) -> tuple[str, ...]:
     saved = os.path.join(workdir, "init_from.new_params.json") if workdir else None
     if saved and os.path.isfile(saved):
         return tuple(files.read_json(saved, "delete it and rerun (it is written again from init_from)"))
-    if config.get("init_from"):
+    if config.init_from:
         step = _newest_step(config.init_from)
         folder = os.path.join(os.path.abspath(config.init_from), "checkpoints", str(step))
         import orbax.checkpoint as ocp
@@ -119,7 +119,7 @@ def new_params(config, workdir: str | None, names) -> tuple[str, ...]:
             raise ValueError(
                 f"cannot read the parameter names of {folder}/params (init_from); is it complete?"
             )
-    elif config.get("init_from_hf"):
+    elif config.init_from_hf:
         from flaxformer_lite.interop import hf
 
         theirs = set(hf.param_names(config.init_from_hf))

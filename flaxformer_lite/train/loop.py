@@ -34,7 +34,7 @@ def evaluate(exp, params, with_bleu: bool) -> dict:
     if with_bleu and exp.task.translates:
         bleu = c.bleu_examples if c.bleu_examples > 0 else (0 if c.valid_metric in ("bleu", "chrf") else None)
     decode = {}
-    if c.get("valid_beam_size", 1) > 1:
+    if c.valid_beam_size > 1:
         decode["decode_fn"] = _beam_decoder(exp.inference_model, c.valid_beam_size, c.max_decode_length)
     result = split_metrics.evaluate(exp, params, max_batches=c.eval_batches, bleu_examples=bleu, **decode)
     return {k: v for k, v in result.items() if k not in ("hypotheses", "sources", "references")}
@@ -141,7 +141,7 @@ class _Run:
     def __init__(self, exp, stop: runtime.StopRequests):
         config, workdir = exp.config, exp.workdir
         state, shardings = exp.init_state(jax.random.key(config.seed))
-        keep = config.keep_checkpoints + config.get("keep_best", 0)
+        keep = config.keep_checkpoints + config.keep_best
         runtime.check_room_for_checkpoints(state, workdir, keep)
         self.stats = ip.TokenizeStats()
         self.feed = prefetch.DevicePrefetch(
@@ -236,7 +236,7 @@ def _resume(exp, ckpt, state, shardings, train_iter):
     if restored is not None:
         logging.info("resumed from the checkpoint at step %d", restored[0])
         return exp, *restored
-    source = exp.config.init_from_hf or exp.config.get("init_from")  # a transformers dir or a workdir of ours
+    source = exp.config.init_from_hf or exp.config.init_from  # a transformers dir or a workdir of ours
     if source:  # fine-tuning: the imported weights replace the random init (a new head stays new)
         imported = exp.imported_params(shardings.params, state.params)
         ema = None if state.ema_params is None else jax.tree.map(jnp.copy, imported)

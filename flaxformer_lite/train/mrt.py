@@ -17,9 +17,26 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite import decoding, ops
+from flaxformer_lite.cli import need
 from flaxformer_lite.ids import EOS_ID, PAD_ID
 
 MAX_ORDER = 4
+OBJECTIVES = ("mle", "mrt")
+
+
+def check_config(config, task) -> None:
+    """The `objective` and `mrt_*` fields (configs/default.py): one-line errors naming the fix."""
+    need(config.objective in OBJECTIVES, f"objective={config.objective!r}; use one of {OBJECTIVES}")
+    if config.objective != "mrt":
+        return
+    need(task.translates, f"objective=mrt trains translation models, not task={task.name!r}")
+    need(not config.pack, "objective=mrt needs pack=False (a row per sentence, for its candidates)")
+    need(config.mrt_candidates >= 2, f"mrt_candidates={config.mrt_candidates} must be >= 2")
+    need(config.mrt_source in ("sample", "beam"), f"mrt_source={config.mrt_source!r}; use sample or beam")
+    need(config.mrt_temperature > 0, f"mrt_temperature={config.mrt_temperature} must be > 0")
+    need(config.mrt_alpha > 0, f"mrt_alpha={config.mrt_alpha} must be > 0")
+    need(config.mrt_mix >= 0, f"mrt_mix={config.mrt_mix} must be >= 0")
+    need(config.scheduled_sampling_max_prob == 0, "objective=mrt and scheduled sampling: use one of them")
 
 
 def _clip_after_eos(ids):

@@ -15,8 +15,9 @@ from typing import Any
 import jax
 
 from flaxformer_lite import tasks
+from flaxformer_lite.cli import need
 from flaxformer_lite.config import ModelConfig, preset
-from flaxformer_lite.train import checkpoint, selection, training
+from flaxformer_lite.train import checkpoint, mrt, selection, training
 
 # ModelConfig fields that change how a model runs, not what it computes.
 NOT_ARCHITECTURE = (
@@ -103,7 +104,7 @@ def schedule_horizon(saved: dict | None, config) -> int:
     """The steps a cosine schedule decays over: `schedule_steps` if set, else the num_train_steps the
     run started with (read from its checkpoint's config). So extending a finished run goes on at the
     schedule's final rate instead of restarting the decay."""
-    if config.get("schedule_steps"):
+    if config.schedule_steps:
         return config.schedule_steps
     if saved:
         return saved.get("schedule_steps") or saved.get("num_train_steps") or config.num_train_steps
@@ -112,10 +113,6 @@ def schedule_horizon(saved: dict | None, config) -> int:
 
 def validate(config) -> None:
     """Fail early, naming the field and the fix."""
-
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(f"bad config: {msg}")
 
     task = tasks.get(config.task)
     need(config.num_train_steps >= 0, f"num_train_steps={config.num_train_steps} must be >= 0")
@@ -137,67 +134,25 @@ def validate(config) -> None:
         config.scheduled_sampling_max_prob == 0 or task.translates,
         f"scheduled sampling is for translation tasks, not task={task.name!r}",
     )
-    _validate_selection(config, task, need)
-    _validate_objective(config, task, need)
+    need(config.schedule_steps >= 0, f"schedule_steps={config.schedule_steps} must be >= 0")
+    selection.check_config(config, task)
+    mrt.check_config(config, task)
     need(
-        not (config.get("init_from") and config.get("init_from_hf")),
+        not (config.init_from and config.init_from_hf),
         "init_from and init_from_hf are both set; start from one of them",
     )
     need(
-        not config.get("freeze_body") or task.classifies,
+        not config.freeze_body or task.classifies,
         f"freeze_body is for classification, not task={task.name!r}",
     )
     need(
-        not config.get("next_sentence") or task.name == "mlm",
+        not config.next_sentence or task.name == "mlm",
         f"next_sentence is for task='mlm', not {task.name!r}",
     )
     need(
-        not config.get("next_sentence") or config.label_smoothing == 0,
+        not config.next_sentence or config.label_smoothing == 0,
         "next_sentence needs label_smoothing=0 (the pair logits share the vocabulary's softmax)",
     )
-
-
-def _validate_objective(config, task, need) -> None:
-    objective = config.get("objective", "mle")
-    need(objective in ("mle", "mrt"), f"objective={objective!r}; use mle or mrt")
-    if objective != "mrt":
-        return
-    need(task.translates, f"objective=mrt trains translation models, not task={task.name!r}")
-    need(not config.pack, "objective=mrt needs pack=False (a row per sentence, for its candidates)")
-    need(config.mrt_candidates >= 2, f"mrt_candidates={config.mrt_candidates} must be >= 2")
-    need(config.mrt_source in ("sample", "beam"), f"mrt_source={config.mrt_source!r}; use sample or beam")
-    need(config.mrt_temperature > 0, f"mrt_temperature={config.mrt_temperature} must be > 0")
-    need(config.mrt_alpha > 0, f"mrt_alpha={config.mrt_alpha} must be > 0")
-    need(config.mrt_mix >= 0, f"mrt_mix={config.mrt_mix} must be >= 0")
-    need(config.scheduled_sampling_max_prob == 0, "objective=mrt and scheduled sampling: use one of them")
-
-
-def _validate_selection(config, task, need) -> None:
-    """valid_metric, keep_best, patience, ema_decay: choosing and averaging models."""
-    name = config.get("valid_metric", "")
-    need(
-        not name or name in selection.METRICS,
-        f"valid_metric={name!r}; use one of {sorted(selection.METRICS)}",
-    )
-    need(
-        name not in ("bleu", "chrf") or task.translates,
-        f"valid_metric={name!r} needs a translation task, not task={task.name!r}; use loss or perplexity",
-    )
-    for field in ("keep_best", "patience"):
-        value = config.get(field, 0)
-        need(value >= 0, f"{field}={value} must be >= 0")
-        need(not value or name, f"{field}={value} needs a --config.valid_metric to rank by (e.g. bleu)")
-        need(not value or config.eval_every > 0, f"{field}={value} needs eval_every > 0")
-    need(
-        config.get("valid_beam_size", 1) >= 1, f"valid_beam_size={config.get('valid_beam_size')} must be >= 1"
-    )
-    need(
-        not name or config.eval_every > 0,
-        f"valid_metric={name!r} needs eval_every > 0 (steps between scores)",
-    )
-    need(config.get("schedule_steps", 0) >= 0, f"schedule_steps={config.get('schedule_steps')} must be >= 0")
-    decay = config.get("ema_decay", 0.0)
-    need(0.0 <= decay < 1.0, f"ema_decay={decay} must be in [0, 1) (0 = off; e.g. 0.999)")
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
@@ -207,7 +162,7 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     how it runs (dtype, dropout, remat, ...: NOT_ARCHITECTURE) apply.
     """
     overrides = {k: v for k, v in config.model.overrides.items() if v is not None}  # None = preset's value
-    if config.get("init_from_hf"):
+    if config.init_from_hf:
         from flaxformer_lite import interop
 
         cfg = interop.config_from_dir(config.init_from_hf)
@@ -232,7 +187,7 @@ def make_optimizer(config, d_model: int, new_params: tuple[str, ...] = ()):
         d_model=d_model,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
-        total_steps=config.get("schedule_steps") or config.num_train_steps,
+        total_steps=config.schedule_steps or config.num_train_steps,
     )
     tx = training.make_optimizer(
         schedule,
@@ -242,7 +197,7 @@ def make_optimizer(config, d_model: int, new_params: tuple[str, ...] = ()):
         weight_decay=config.weight_decay,
         clip_norm=config.clip_norm or None,
     )
-    if config.get("freeze_body"):  # fine-tune the classification head alone
+    if config.freeze_body:  # fine-tune the classification head alone
         from flaxformer_lite.tasks.classification import freeze_body
 
         tx = freeze_body(tx, frozenset(new_params))

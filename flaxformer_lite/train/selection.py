@@ -15,6 +15,8 @@ import json
 import math
 import os
 
+from flaxformer_lite.cli import need
+
 # valid_metric -> (evaluation result key, which way is better)
 METRICS = {
     "loss": ("nll", "min"),
@@ -24,9 +26,32 @@ METRICS = {
 }
 
 
+def check_config(config, task) -> None:
+    """valid_metric, valid_beam_size, keep_best, patience, ema_decay (configs/default.py)."""
+    name = config.valid_metric
+    need(not name or name in METRICS, f"valid_metric={name!r}; use one of {sorted(METRICS)}")
+    need(
+        name not in ("bleu", "chrf") or task.translates,
+        f"valid_metric={name!r} needs a translation task, not task={task.name!r}; use loss or perplexity",
+    )
+    need(
+        not name or config.eval_every > 0,
+        f"valid_metric={name!r} needs eval_every > 0 (steps between scores)",
+    )
+    for field in ("keep_best", "patience"):
+        value = config[field]
+        need(value >= 0, f"{field}={value} must be >= 0")
+        need(not value or name, f"{field}={value} needs a --config.valid_metric to rank by (e.g. bleu)")
+        need(not value or config.eval_every > 0, f"{field}={value} needs eval_every > 0")
+    need(config.valid_beam_size >= 1, f"valid_beam_size={config.valid_beam_size} must be >= 1")
+    need(
+        0.0 <= config.ema_decay < 1.0, f"ema_decay={config.ema_decay} must be in [0, 1) (0 = off; e.g. 0.999)"
+    )
+
+
 def metric(config) -> tuple[str, str] | None:
     """(result key, "max" | "min") of the config's valid_metric, or None if it has none."""
-    name = config.get("valid_metric", "")
+    name = config.valid_metric
     return METRICS[name] if name else None
 
 
@@ -41,7 +66,7 @@ def evaluates_at(config, step: int, is_last: bool) -> bool:
 
 def decodes_at(config, step: int) -> bool:
     """Whether that evaluation decodes text (BLEU/chrF) besides the loss."""
-    if config.get("valid_metric", "") in ("bleu", "chrf"):
+    if config.valid_metric in ("bleu", "chrf"):
         return True
     return bool(config.bleu_every) and step % config.bleu_every == 0
 
@@ -67,7 +92,7 @@ class EarlyStopping:
     def from_log(cls, workdir: str, config, step: int) -> EarlyStopping:
         """Built from the eval rows of metrics.jsonl up to `step` (where the run resumes)."""
         key, mode = metric(config) or (None, "max")
-        early = cls(key, mode, config.get("patience", 0), config.get("keep_best", 0))
+        early = cls(key, mode, config.patience, config.keep_best)
         path = os.path.join(workdir, "metrics.jsonl")
         if key and os.path.exists(path):
             scores = {}
@@ -118,3 +143,40 @@ class EarlyStopping:
             f"early stop at step {self.history[-1][0]}: validation {self.key} has not improved for "
             f"{self.patience} evaluations; the best is {told}.{kept}"
         )
+
+
+@dataclasses.dataclass
+class NewestHealthy:
+    """orbax preservation policy: never delete the newest checkpoint saved with a healthy loss."""
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        healthy = [i for i, c in enumerate(checkpoints) if (c.metrics or {}).get("healthy", 1.0) > 0]
+        return [bool(healthy) and i == healthy[-1] for i in range(len(checkpoints))]
+
+
+def best_steps(scores: list[tuple[int, float]], mode: str, n: int) -> list[int]:
+    """The `n` best steps of (step, score) pairs, best first: highest scores for mode "max", lowest
+    for "min"; NaN ranks last; of equal scores the earlier step ranks first (it got there first)."""
+
+    def key(item):
+        step, score = item
+        nan = score != score
+        return (nan, 0.0 if nan else (-score if mode == "max" else score), step)
+
+    return [step for step, _ in sorted(scores, key=key)[:n]]
+
+
+@dataclasses.dataclass
+class BestScores:
+    """orbax preservation policy: keep the `n` steps with the best validation `metric`."""
+
+    metric: str
+    mode: str
+    n: int
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        scored = [(i, (c.metrics or {}).get(self.metric)) for i, c in enumerate(checkpoints)]
+        keep = set(best_steps([(i, v) for i, v in scored if v is not None and v == v], self.mode, self.n))
+        return [i in keep for i in range(len(checkpoints))]
