@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -92,24 +94,14 @@ def beam_search_outputs(
     init = _initial_state(step_fn, cache, batch, beams, max_len, start_id)
     lp = lambda length: length_penalty(length, alpha, penalty)  # noqa: E731
 
-    def cond(s):
-        if hf:
-            return (s["i"] < max_len) & ~jnp.all(s["done"])
-        best_live = s["live_logp"][:, 0] / length_penalty(limit.astype(jnp.float32), alpha)
-        worst_fin = jnp.where(s["fin_any"], jnp.min(s["fin_score"], axis=1), NEG_INF)
-        # Scores only fall as hypotheses grow (log P <= 0), so the best a live beam can reach is bounded.
-        can_improve = ~s["fin_any"] | (best_live > worst_fin)
-        return (s["i"] < max_len) & jnp.any(can_improve)
+    cond = functools.partial(_searching, hf=hf, limit=limit, alpha=alpha, max_len=max_len)
 
     def body(s):
         i = s["i"]
         logits, cache, attn = call_step(step_fn, s["last"].reshape(-1, 1), s["cache"])
         raw = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, beams, -1)  # [B, K, V]
         at_limit = (i + 1 >= limit)[:, None, None]
-        logp = raw
-        if not hf:
-            not_eos = (jnp.arange(raw.shape[-1]) != eos_id)[None, None, :]
-            logp = jnp.where(at_limit & not_eos, NEG_INF, logp)  # force EOS at the limit
+        logp = raw if hf else _eos_at_limit(raw, at_limit, eos_id)
         if forced is not None:
             logp = force(logp, jax.lax.dynamic_index_in_dim(forced, i, axis=1, keepdims=False))
         top_logp, beam_idx, token, tracks = _expand(s, raw, logp, attn, i, beams)
@@ -136,9 +128,30 @@ def beam_search_outputs(
             fin_any=s["fin_any"] | jnp.any(ends, axis=1), done=done,
         )  # fmt: skip
 
-    s = _while_in_stages(cond, body, init, max_len)
-    # Rows that never finished fall back to their live beams (scored with the same penalty).
-    live_score = s["live_logp"] / lp(jnp.float32(max_len))
+    return _results(_while_in_stages(cond, body, init, max_len), lp(jnp.float32(max_len)))
+
+
+def _searching(s, *, hf: bool, limit, alpha: float, max_len: int):
+    """The search's loop condition: a row goes on while a live beam can still beat its finished ones."""
+    if hf:
+        return (s["i"] < max_len) & ~jnp.all(s["done"])
+    best_live = s["live_logp"][:, 0] / length_penalty(limit.astype(jnp.float32), alpha)
+    worst_fin = jnp.where(s["fin_any"], jnp.min(s["fin_score"], axis=1), NEG_INF)
+    # Scores only fall as hypotheses grow (log P <= 0), so the best a live beam can reach is bounded.
+    can_improve = ~s["fin_any"] | (best_live > worst_fin)
+    return (s["i"] < max_len) & jnp.any(can_improve)
+
+
+def _eos_at_limit(logp, at_limit, eos_id: int):
+    """[B, K, V] log-probs with every token but EOS ruled out where a row reaches its length limit."""
+    not_eos = (jnp.arange(logp.shape[-1]) != eos_id)[None, None, :]
+    return jnp.where(at_limit & not_eos, NEG_INF, logp)
+
+
+def _results(s, final_penalty) -> dict:
+    """The finished hypotheses of the final carry; rows that never finished fall back to their live
+    beams, scored with the length penalty at the full length (`final_penalty`)."""
+    live_score = s["live_logp"] / final_penalty
     fin_any = s["fin_any"][:, None]
     out = {k: jnp.where(fin_any.reshape(fin_any.shape + (1,) * (v.ndim - 2)), v, s["live"][k])
            for k, v in s["fin"].items()}  # fmt: skip

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -103,15 +105,10 @@ def sample_outputs(
     before temperature and filtering); 0 after EOS. `forced` [B, L] ids (0 = free) are emitted
     verbatim at their steps and scored: a target prefix to continue.
     """
-    B = first_tokens.shape[0]
     rng = jax.random.key(0) if rng is None else rng
     forced = pad_forced(forced, max_len)
 
-    def choose(logits, key):
-        if temperature == 0.0:
-            return jnp.argmax(logits, axis=-1)
-        logits = _filter_logits(logits / temperature, top_k, top_p)
-        return jax.random.categorical(key, logits, axis=-1)
+    choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def cond(c):
         return (c["i"] < max_len) & ~jnp.all(c["done"])
@@ -133,6 +130,21 @@ def sample_outputs(
             out["attention"] = jax.lax.dynamic_update_slice_in_dim(c["attention"], attn[:, None], i, axis=1)
         return out
 
+    out = _while_in_stages(cond, body, _initial_carry(step_fn, cache, first_tokens, max_len), max_len)
+    return {k: out[k] for k in ("tokens", "token_logp", "attention") if k in out}
+
+
+def _choose(logits, key, *, temperature: float, top_k: int, top_p: float):
+    """[B, V] logits -> [B] next tokens: the argmax at temperature 0, else a filtered sample."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = _filter_logits(logits / temperature, top_k, top_p)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+def _initial_carry(step_fn, cache, first_tokens, max_len: int) -> dict:
+    """The decoding loop's carry: empty outputs (attention tracks if the step function gives them)."""
+    B = first_tokens.shape[0]
     init = dict(
         i=jnp.int32(0),
         tokens=jnp.full((B, max_len), PAD_ID, jnp.int32),
@@ -144,8 +156,7 @@ def sample_outputs(
     attn_shape = jax.eval_shape(lambda: call_step(step_fn, init["last"][:, None], cache)[2])
     if attn_shape is not None:
         init["attention"] = jnp.zeros((B, max_len) + attn_shape.shape[1:], jnp.float32)
-    out = _while_in_stages(cond, body, init, max_len)
-    return {k: out[k] for k in ("tokens", "token_logp", "attention") if k in out}
+    return init
 
 
 def strip_after_eos(ids) -> list[list[int]]:
