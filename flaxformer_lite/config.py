@@ -13,6 +13,7 @@ from flaxformer_lite.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from flaxformer_lite.ops.positions import SINUSOID_LAYOUTS
 
 NORMS = ("layernorm", "rmsnorm")
+POOLINGS = ("auto", "first", "last", "mean")
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "alibi", "none")
 # Activation checkpointing per layer: name -> jax.checkpoint policy ("full": save nothing).
 REMAT_POLICIES = {
@@ -97,16 +98,7 @@ class ModelConfig:
             self.num_kv_heads,
             f"pick a divisor of num_heads={self.num_heads} (1 = MQA, num_heads = MHA)",
         )
-        activations = sorted(ACTIVATIONS) + sorted(GATED_ACTIVATIONS)
-        _check(self.activation in activations, "activation", self.activation, f"use one of {activations}")
-        _check(self.norm in NORMS, "norm", self.norm, f"use one of {NORMS}")
-        _check(self.position in POSITIONS, "position", self.position, f"use one of {POSITIONS}")
-        _check(
-            self.sinusoid_layout in SINUSOID_LAYOUTS,
-            "sinusoid_layout",
-            self.sinusoid_layout,
-            f"use one of {SINUSOID_LAYOUTS}",
-        )
+        _check_choices(self)
         if self.source_vocab_size is not None:
             _check(
                 self.source_vocab_size > 0,
@@ -114,21 +106,7 @@ class ModelConfig:
                 self.source_vocab_size,
                 "use None (shared vocabulary) or a positive size",
             )
-        _check(
-            self.remat_policy in REMAT_POLICIES,
-            "remat_policy",
-            self.remat_policy,
-            f"use one of {tuple(REMAT_POLICIES)}",
-        )
-        _check(
-            self.attention_impl in ATTENTION_IMPLS,
-            "attention_impl",
-            self.attention_impl,
-            f"use one of {ATTENTION_IMPLS}",
-        )
         _check(self.type_vocab_size >= 0, "type_vocab_size", self.type_vocab_size, "use 0 (none) or more")
-        poolings = ("auto", "first", "last", "mean")
-        _check(self.pooling in poolings, "pooling", self.pooling, f"use one of {poolings}")
         for name in ("dropout_rate", "attention_dropout_rate"):
             rate = getattr(self, name)
             _check(0.0 <= rate < 1.0, name, rate, "use a rate in [0, 1)")
@@ -153,6 +131,22 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         """A copy with fields changed, validated again (e.g. `.replace(decode=True)`)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_choices(cfg: ModelConfig) -> None:
+    """The fields that name one of a fixed set of options."""
+    choices = {
+        "activation": tuple(sorted(ACTIVATIONS) + sorted(GATED_ACTIVATIONS)),
+        "norm": NORMS,
+        "position": POSITIONS,
+        "sinusoid_layout": SINUSOID_LAYOUTS,
+        "remat_policy": tuple(REMAT_POLICIES),
+        "attention_impl": ATTENTION_IMPLS,
+        "pooling": POOLINGS,
+    }
+    for name, options in choices.items():
+        value = getattr(cfg, name)
+        _check(value in options, name, value, f"use one of {options}")
 
 
 def _check(ok: bool, field: str, value: Any, fix: str) -> None:
