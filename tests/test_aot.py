@@ -1,6 +1,6 @@
 """Compiled for real TPU and GPU targets on this CPU machine by the real compilers (libtpu, XLA:CUDA).
 
-Lowering (test_fused_attention.py) proves which kernel is called; compiling proves the Mosaic
+Lowering (test_fused.py) proves which kernel is called; compiling proves the Mosaic
 kernels build, the program fits the chip, and the sharding gives the collectives it should.
 Memory is checked against closed forms (parameter count x bytes), not against the code's own output.
 """

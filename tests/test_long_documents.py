@@ -1,13 +1,22 @@
 """Long documents (issue 39): the bible_long corpus, pieces of over-long training examples, and strided
 sliding-window perplexity checked against closed forms and independent loops."""
 
+import functools
 import os
 import sqlite3
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from flaxformer_lite.data import datasets
+from flaxformer_lite import config, sharding, tasks
+from flaxformer_lite.data import datasets, packing, token_cache
+from flaxformer_lite.data import pipeline as ip
 from flaxformer_lite.data.datasets import bible
+from flaxformer_lite.evaluation import long_documents
+from flaxformer_lite.ids import EOS_ID
+from flaxformer_lite.model.models import DecoderOnly
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bible_small.db")
 
@@ -74,3 +83,178 @@ def test_tokenizer_training_reads_long_documents_line_by_line():
     lines = [f"verse {i} " + "word " * 40 for i in range(30)]  # ~6 KB together: past SentencePiece's 4 KB
     source = [{"text": "\n".join(lines).encode()}, {"text": b"a short text\nof two lines"}]
     assert list(datasets.training_texts(source, ["text"])) == [*lines, "a short text\nof two lines"]
+
+
+# ------------------------------------------------------------------------------ pieces of long texts
+
+
+class _WordIds:
+    """A stand-in tokenizer: each space-separated word is its integer value."""
+
+    def get_piece_size(self):
+        return 1000
+
+    def is_byte(self, i):
+        return False
+
+    def encode(self, texts):
+        return [[int(w) for w in t.split()] for t in texts]
+
+
+class _Rows(list):
+    def __getitems__(self, keys):
+        return [self[k] for k in keys]
+
+
+@pytest.fixture
+def long_texts(tmp_path):
+    """A cache of texts of 0, 1, L - 1, L, L + 1, 2L and 3L + 5 ids (L = 8), ids 3.. distinct across texts."""
+    sizes, texts, next_id = [0, 1, 7, 8, 9, 16, 29], [], 3
+    for n in sizes:
+        texts.append(list(range(next_id, next_id + n)))
+        next_id += n
+    token_cache.build(
+        _Rows({"text": " ".join(map(str, t))} for t in texts),
+        _WordIds(),
+        {"targets": "text"},
+        str(tmp_path / "c"),
+    )
+    return token_cache.TokenSource(str(tmp_path / "c")), texts
+
+
+def test_pieces_are_the_texts_cut_consecutively_with_eos_only_at_the_end(long_texts):
+    cache, texts = long_texts
+    pieces = token_cache.Pieces(cache, 8)
+    got = [
+        [int(i) for i in pieces[j]["targets"]] + ([EOS_ID] if pieces.ends[j] else [])
+        for j in range(len(pieces))
+    ]
+    # Closed form: a text's ids + EOS in runs of 8, an EOS-only last run dropped.
+    want = []
+    for ids in texts:
+        if ids:
+            stream = ids + [EOS_ID]
+            runs = [stream[i : i + 8] for i in range(0, len(stream), 8)]
+            want += runs[:-1] if runs[-1] == [EOS_ID] else runs
+    assert got == want
+    assert max(len(r) for r in got) == 8 and list(pieces.lengths("targets")) == [
+        len(r) - (r[-1] == EOS_ID) for r in got
+    ]
+
+
+def test_packed_pieces_hold_every_token_of_every_text(long_texts):
+    cache, texts = long_texts
+    pieces = token_cache.Pieces(cache, 8)
+    order = packing.EpochOrder(len(pieces), seed=0, shuffle=False, rows=4)
+    batches = iter(packing.PackedBatches(pieces, order, batch_size=4, max_length=8, max_segments=None))
+    segments = []
+    while len(segments) < len(pieces):
+        batch = next(batches)
+        for row in range(4):
+            ids, seg, pos = (
+                batch["targets"][row],
+                batch["targets_segment_ids"][row],
+                batch["targets_positions"][row],
+            )
+            for s in range(1, seg.max() + 1):
+                assert list(pos[seg == s]) == list(range((seg == s).sum()))
+                segments.append([int(i) for i in ids[seg == s]])
+    # In stream order each text reads back whole: its ids, then EOS unless its length is a multiple of 8.
+    stream = [i for s in segments[: len(pieces)] for i in s]
+    want = [i for ids in texts if ids for i in ids + ([EOS_ID] if len(ids) % 8 else [])]
+    assert sorted(stream) == sorted(want) and stream.count(EOS_ID) == want.count(EOS_ID)
+    assert ip.FromCache(pieces, 8).stats.trimmed == 0 and ip.FromCache(cache, 8).stats.trimmed == 4
+
+
+# ------------------------------------------------------------------------------ strided perplexity
+
+
+@pytest.mark.parametrize(
+    "n,window,stride", [(1, 8, 8), (8, 8, 3), (9, 8, 8), (50, 8, 3), (50, 8, 1), (37, 12, 5)]
+)
+def test_every_target_is_scored_once_with_window_minus_stride_context(n, window, stride):
+    plan = long_documents.plan_windows(n, window, stride)
+    scored = np.concatenate([np.arange(first, end) for _, end, first in plan])
+    np.testing.assert_array_equal(scored, np.arange(n))  # once each, in order
+    # Closed forms: begins at multiples of the stride, ceil((n - window) / stride) + 1 windows.
+    assert len(plan) == (1 if n <= window else -(-(n - window) // stride) + 1)
+    np.testing.assert_array_equal(plan[:, 0], stride * np.arange(len(plan)))
+    np.testing.assert_array_equal(plan[:, 1], np.minimum(plan[:, 0] + window, n))
+    for begin, end, first in plan[1:]:
+        assert first - begin == window - stride or end == n  # the last window may score fewer
+        assert first - begin >= window - stride
+    assert plan[0, 2] == 0
+
+
+def _tiny_lm(position="learned"):
+    model = DecoderOnly(config.tiny(vocab_size=67, position=position, max_len=16))
+    params = model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))["params"]
+    return model, params
+
+
+@functools.cache
+def _apply(model):
+    return jax.jit(model.apply)  # compiled once per window length: a few lengths, many windows
+
+
+def _log_probs(model, params, inputs):
+    """One sequence through the model alone (no padding, no batching) -> float64 log-probs [T, V]."""
+    positions = jnp.arange(len(inputs))[None]
+    logits = np.asarray(_apply(model)({"params": params}, jnp.asarray(inputs)[None], positions=positions)[0])
+    logits = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def _streams(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[0], rng.integers(3, 67, n), [EOS_ID]]).astype(np.int32) for n in lengths]
+
+
+def _strided(model, params, streams, window, stride, batch_size=8):
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    return long_documents.strided_nll(
+        params, model, tasks.LM, streams, window=window, stride=stride, batch_size=batch_size, mesh=mesh
+    )
+
+
+def test_stride_equal_to_window_is_the_perplexity_of_separate_chunks():
+    model, params = _tiny_lm()
+    streams = _streams(0, [47, 15])  # 48 and 16 targets: whole chunks, one compiled length
+    nll, count = 0.0, 0
+    for s in streams:  # each chunk of 16 targets evaluated as a sequence of its own
+        for lo in range(0, len(s) - 1, 16):
+            chunk_in, chunk_out = s[lo : lo + 16], s[lo + 1 : lo + 17]
+            logp = _log_probs(model, params, chunk_in[: len(chunk_out)])
+            nll -= logp[np.arange(len(chunk_out)), chunk_out].sum()
+            count += len(chunk_out)
+    got = _strided(model, params, streams, 16, 16)
+    assert got["tokens"] == count == sum(len(s) - 1 for s in streams)
+    np.testing.assert_allclose(got["nll_sum"], nll, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window,stride,position", [(16, 5, "learned"), (12, 1, "rope"), (16, 11, "alibi")])
+def test_strided_nll_equals_a_loop_over_windows_scored_by_hand(window, stride, position):
+    """The transformers docs' loop, one window at a time through the model, log-softmax in numpy."""
+    model, params = _tiny_lm(position)
+    streams = _streams(1, [3, 29, 50])
+    nll, count, windows = 0.0, 0, 0
+    for s in streams:
+        targets, previous_end, begin = s[1:], 0, 0
+        while True:
+            end = min(begin + window, len(targets))
+            logp = _log_probs(model, params, s[begin:end])
+            for j in range(previous_end, end):  # the targets not scored by an earlier window
+                nll -= logp[j - begin, targets[j]]
+                count += 1
+            windows, previous_end, begin = windows + 1, end, begin + stride
+            if end == len(targets):
+                break
+    got = _strided(model, params, streams, window, stride, batch_size=8)
+    assert (got["tokens"], got["windows"]) == (count, windows)
+    np.testing.assert_allclose(got["nll_sum"], nll, rtol=1e-5)
+
+
+def test_a_longer_window_than_the_learned_positions_is_refused():
+    model, params = _tiny_lm()
+    with pytest.raises(ValueError, match="window 32 is longer than the model's 16 learned positions"):
+        _strided(model, params, _streams(0, [40]), 32, 8)

@@ -115,7 +115,8 @@ def test_fsdp_and_tensor_parallel_match_single_device():
 
 
 def test_mesh_sizes_are_validated():
-    assert sharding.mesh_shape(8, data=-1, fsdp=2, tensor=2) == (2, 2, 2)
+    assert sharding.mesh_shape(8, data=-1, fsdp=2, tensor=2) == (2, 2, 1, 2)  # data, fsdp, context, tensor
+    assert sharding.mesh_shape(8, data=-1, context=4) == (2, 1, 4, 1)
     with pytest.raises(ValueError, match="at most one may be -1"):
         sharding.mesh_shape(8, data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="cannot fill 8 devices"):
