@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from flaxformer_lite.ops.activations import ACTIVATIONS, GATED_ACTIVATIONS
 from flaxformer_lite.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from flaxformer_lite.ops.patterns import PATTERNS, AttentionPattern, pattern_problem
 from flaxformer_lite.ops.positions import SINUSOID_LAYOUTS
 
 NORMS = ("layernorm", "rmsnorm")
@@ -49,6 +50,16 @@ class ModelConfig:
     shared_relative_bias: bool = False  # True: one relative-bias table per stack, shared by its layers (T5)
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) on attention logits (T5 folds it into init)
     local_window: int | None = None  # sliding-window self-attention span, None = global
+    # Sparse self-attention (ops/patterns.py; encoders bidirectional, decoders causal, cross-attention
+    # full): full | local | longformer | bigbird | chunked. local = local_window=pattern_window.
+    attention_pattern: str = "full"
+    pattern_window: int = 0  # local/longformer: |q - k| < window; bigbird: in tokens; chunked: chunk length
+    # longformer: the first G tokens of a row, or a tuple of positions, see and are seen by every
+    # token; bigbird: the first G tokens (a multiple of pattern_block)
+    global_tokens: int | tuple[int, ...] = 0
+    pattern_block: int = 128  # bigbird's block (a multiple of 128 for splash; window a multiple of it)
+    random_blocks: int = 0  # bigbird: random key blocks per query block
+    pattern_seed: int = 0  # bigbird: the random blocks' seed (drawn once: the same blocks every step)
     use_bias: bool = True  # biases in the dense layers and LayerNorm
     tie_embeddings: bool = True  # output logits through the transposed token embedding
     scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model), as the paper
@@ -69,11 +80,17 @@ class ModelConfig:
     dtype: Any = jnp.float32  # compute dtype (bfloat16 for mixed precision)
     param_dtype: Any = jnp.float32  # parameters (and so optimizer state) stay float32
     attention_impl: str | None = None  # None (choose per backend) | xla | cudnn | splash | reference
+    # Self-attention when the mesh splits the sequence (mesh_context > 1): all_gather (K/V gathered)
+    # | ring (K/V passed around the context axis); see ops/context_parallel.py
+    context_strategy: str = "all_gather"
     max_segments: int = 32  # most packed sequences per row (the packer's cap; 1 = unpacked, padded)
     scan_layers: bool = False  # nn.scan over layers: faster compiles, params stacked on "layers"
     remat_policy: str = "none"  # none | full | dots | dots_no_batch (activation checkpointing)
     deterministic: bool = False  # True disables dropout (eval, decoding)
     decode: bool = False  # True: incremental decoding with a KV cache in the "cache" collection
+    # > 0: Transformer-XL memory (decoder-only LMs): causal self-attention also sees the keys/values of
+    # the last memory_length positions of the previous segments (the "memory" collection, model/memory.py)
+    memory_length: int = 0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -122,6 +139,23 @@ class ModelConfig:
             )
         if self.local_window is not None:
             _check(self.local_window > 0, "local_window", self.local_window, "use None or a positive span")
+        _check_context(self)
+        _check_memory(self)
+        _check_pattern(self)
+
+    @property
+    def pattern(self) -> AttentionPattern | None:
+        """The self-attention pattern as `ops.dot_product_attention` takes it (None: full)."""
+        if self.attention_pattern == "full":
+            return None
+        return AttentionPattern(
+            self.attention_pattern,
+            self.pattern_window,
+            self.global_tokens,
+            self.pattern_block,
+            self.random_blocks,
+            self.pattern_seed,
+        )
 
     @property
     def gated(self) -> bool:
@@ -131,6 +165,54 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         """A copy with fields changed, validated again (e.g. `.replace(decode=True)`)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_memory(cfg: ModelConfig) -> None:
+    """Transformer-XL memory needs positions that work across segments and the einsum attention."""
+    _check(cfg.memory_length >= 0, "memory_length", cfg.memory_length, "use 0 (off) or a positive length")
+    if not cfg.memory_length:
+        return
+    _check(
+        cfg.position in ("rope", "relative", "alibi", "none"),
+        "memory_length",
+        cfg.memory_length,
+        f"memory needs relative positions, not position={cfg.position!r}: use rope, relative, alibi or none",
+    )
+    _check(
+        cfg.attention_dropout_rate == 0.0,
+        "memory_length",
+        cfg.memory_length,
+        "memory attention has no attention dropout: set attention_dropout_rate to 0",
+    )
+
+
+def _check_context(cfg: ModelConfig) -> None:
+    """The context-parallel attention strategy is one of ops.context_parallel.STRATEGIES."""
+    strategies = ("all_gather", "ring")
+    strategy = cfg.context_strategy
+    _check(strategy in strategies, "context_strategy", strategy, f"use one of {strategies}")
+
+
+def _check_pattern(cfg: ModelConfig) -> None:
+    """A known pattern with consistent fields; not with local_window; splash needs 128-blocks."""
+    if isinstance(cfg.global_tokens, list):  # from a command-line or ml_collections override
+        object.__setattr__(cfg, "global_tokens", tuple(cfg.global_tokens))
+    kind = cfg.attention_pattern
+    _check(kind in PATTERNS, "attention_pattern", kind, f"use one of {PATTERNS}")
+    if kind == "full":
+        return
+    _check(
+        cfg.local_window is None,
+        "local_window",
+        cfg.local_window,
+        f"set local_window=None with attention_pattern={kind!r} (local_window is the local pattern)",
+    )
+    fields = (cfg.pattern_window, cfg.global_tokens, cfg.pattern_block, cfg.random_blocks, cfg.pattern_seed)
+    problem = pattern_problem(kind, *fields)
+    names = "pattern_window, global_tokens, pattern_block, random_blocks, pattern_seed"
+    _check(problem is None, "attention_pattern", kind, f"{problem} (ModelConfig fields {names})")
+    if kind == "bigbird" and cfg.attention_impl in ("splash", "splash_interpret"):
+        _check(cfg.pattern_block % 128 == 0, "pattern_block", cfg.pattern_block, "splash needs 128-multiples")
 
 
 def _check_choices(cfg: ModelConfig) -> None:

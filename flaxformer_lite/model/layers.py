@@ -12,6 +12,8 @@ from flax import linen as nn
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import REMAT_POLICIES, ModelConfig
+from flaxformer_lite.model import memory
+from flaxformer_lite.ops import context_parallel
 from flaxformer_lite.sharding import (  # the logical axis names (one vocabulary, see sharding.py)
     BATCH,
     BUCKETS,
@@ -221,7 +223,13 @@ class MultiHeadAttention(nn.Module):
             if cfg.position == "rope":
                 q = ops.apply_rope(q, q_pos, cfg.rope_theta)
                 k = ops.apply_rope(k, kv_pos, cfg.rope_theta)
+            if cfg.memory_length and self.causal and not cfg.decode:  # Transformer-XL memory (model/memory.py)
+                out = memory.attend(self, q, k, v, segment_ids, positions, relative_table)
+                return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
             bias = self._position_bias(q_pos, kv_pos, relative_table)
+            if sequence_shards() > 1 and not caching:  # the mesh splits the sequence: context parallel
+                out = _context_parallel(cfg, q, k, v, bias, segment_ids, positions, self.causal, self._scale)
+                return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
         dropout_rng = None
         if cfg.attention_dropout_rate > 0.0 and not cfg.deterministic:
             dropout_rng = self.make_rng("dropout")
@@ -235,6 +243,7 @@ class MultiHeadAttention(nn.Module):
             segment_ids=q_segment_ids,
             kv_segment_ids=kv_segment_ids,
             local_window=None if (self.cross or mask is not None) else cfg.local_window,
+            pattern=None if (self.cross or mask is not None) else cfg.pattern,
             max_segments=cfg.max_segments,
             dropout_rate=cfg.attention_dropout_rate,
             dropout_rng=dropout_rng,
@@ -317,6 +326,7 @@ class MultiHeadAttention(nn.Module):
             cvalid.value[:, None, None, :],
             ops.causal_mask(q_pos, kv_pos),
             None if cfg.local_window is None else ops.sliding_window_mask(q_pos, kv_pos, cfg.local_window),
+            ops.pattern_mask(cfg.pattern, q_pos, kv_pos, causal=True),  # slots are row positions
         )
         return q, ck.value, cv.value, mask, q_pos, kv_pos
 
@@ -336,6 +346,27 @@ class MultiHeadAttention(nn.Module):
             bidirectional=not self.causal,
             max_distance=cfg.relative_max_distance,
         )
+
+
+def sequence_shards() -> int:
+    """The size of the current mesh's "context" axis (1 without a mesh or without that axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape.get(context_parallel.CONTEXT_AXIS, 1)
+
+
+def _context_parallel(cfg: ModelConfig, q, k, v, bias, segment_ids, positions, causal, scale) -> Array:
+    """Self-attention [B, T, N, H] with the sequence split over the mesh's context axis, masked by
+    the tokens' original `positions` (a load-balanced batch carries them) and segment ids."""
+    if bias is not None or (cfg.attention_dropout_rate > 0 and not cfg.deterministic):
+        raise ValueError(
+            f"context parallelism (mesh_context={sequence_shards()}) has no logit bias or attention "
+            f"dropout: use position=rope, learned or sinusoidal (not {cfg.position!r}) and "
+            "attention_dropout_rate=0, or mesh_context=1."
+        )
+    return context_parallel.context_parallel_attention(
+        q, k, v, mesh=jax.sharding.get_abstract_mesh(), strategy=cfg.context_strategy, is_causal=causal,
+        positions=positions, segment_ids=segment_ids, local_window=cfg.local_window, scale=scale,
+    )  # fmt: skip
 
 
 # Slot axis of each self-attention cache leaf (negative: the same under nn.scan's layer axis).
@@ -477,7 +508,7 @@ def run_layers(cfg: ModelConfig, layer_cls, num_layers: int, x: Array, *args, **
     if cfg.scan_layers:
         scanned = nn.scan(
             layer_cls,
-            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0, memory.MEMORY: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=num_layers,

@@ -104,6 +104,8 @@ class Decoder(nn.Module):
         """[B, T] ids -> [B, T, vocab] logits (compute dtype; losses upcast to float32), or with
         `hidden_only` the final [B, T, d_model] states (for a classification head, no LM head)."""
         cfg = self.config
+        if cfg.memory_length and not cfg.decode:
+            _check_memory_inputs(self.cross, segment_ids, positions)
         if positions is None and cfg.decode:
             # Decoding one chunk at a time: continue positions from where the last call stopped.
             creating = not self.has_variable("cache", "position_index")
@@ -128,6 +130,17 @@ class Decoder(nn.Module):
         if cfg.pre_norm:
             x = Norm(cfg, name="final_norm")(x)
         return x if hidden_only else _vocab_logits(self, cfg, self.embed, x, "logits")
+
+
+def _check_memory_inputs(cross: bool, segment_ids, positions) -> None:
+    """Transformer-XL memory (model/memory.py) is for decoder-only LMs fed documents as streams."""
+    if cross:
+        raise ValueError("memory_length is for decoder-only LMs: set it to 0 for an encoder-decoder.")
+    if segment_ids is None or positions is None:
+        raise ValueError(
+            "a model with memory_length needs document ids and positions that continue across "
+            "segments: pass segment_ids and positions (data/streams.py makes them)."
+        )
 
 
 def _shared_table(stack: nn.Module) -> Array | None:
