@@ -13,7 +13,9 @@ import pytest
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig, tiny
+from flaxformer_lite.evaluation.memory import memory_perplexity
 from flaxformer_lite.model.models import DecoderOnly, EncoderDecoder
+from tests import reference
 
 B, T, SEGMENTS = 2, 7, 3  # rows, segment length, segments: a stream of 21 positions per row
 L = T * SEGMENTS
@@ -34,14 +36,14 @@ def _stream():
     return tokens, docs, positions
 
 
-def _band(memory_length):
+def _band(memory_length, length=L):
     """[1, 1, L, L] numpy: key j no earlier than memory_length before the query's segment start."""
-    i, j = np.arange(L)[:, None], np.arange(L)[None, :]
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
     return (j >= (i // T) * T - memory_length)[None, None]
 
 
 def _one_pass(cfg, params, tokens, docs, positions, monkeypatch):
-    band = jnp.asarray(_band(cfg.memory_length))
+    band = jnp.asarray(_band(cfg.memory_length, tokens.shape[1]))
     plain = ops.dot_product_attention
 
     def banded(q, k, v, *, mask=None, **kw):
@@ -129,3 +131,27 @@ def test_memory_refuses_absolute_positions_and_encoder_decoders():
         EncoderDecoder(cfg).init(jax.random.key(0), x, x)
     with pytest.raises(ValueError, match="document ids and positions"):
         DecoderOnly(cfg).init(jax.random.key(0), x)
+
+
+def test_memory_perplexity_equals_one_banded_pass_per_document(monkeypatch):
+    cfg = tiny(position="alibi", memory_length=5, dropout_rate=0.3)  # dropout: must be off in eval
+    params, *_ = _init(cfg)
+    rng = np.random.default_rng(2)
+    documents = [rng.integers(1, 67, n) for n in (17, 9, 0, 12, 3)]  # an empty one is skipped
+    got = memory_perplexity(DecoderOnly(cfg), params, documents, segment_length=T, batch_size=2)
+    nll, count = 0.0, 0
+    for doc in documents:
+        if not len(doc):
+            continue
+        n = len(doc)
+        inputs = np.concatenate([[0], doc[:-1]])[None].astype(np.int32)  # BOS first
+        logits = _one_pass(
+            cfg.replace(dropout_rate=0.0), params, inputs, np.ones((1, n), np.int32),
+            np.arange(n, dtype=np.int32)[None], monkeypatch,
+        )  # fmt: skip
+        logp = reference.log_softmax(logits[0])
+        nll -= logp[np.arange(n), doc].sum()
+        count += n
+    assert (got["tokens"], got["documents"]) == (count, 4)
+    np.testing.assert_allclose(got["nll_sum"], nll, rtol=1e-5)
+    np.testing.assert_allclose(got["perplexity"], np.exp(nll / count), rtol=1e-5)
