@@ -24,7 +24,7 @@ def model_overrides() -> ml_collections.ConfigDict:
     (--config.model.overrides.num_kv_heads=2); unset slots keep the preset's value."""
     slots = {}
     for f in dataclasses.fields(ModelConfig):
-        if f.name not in ("deterministic", "decode"):
+        if f.name not in ("deterministic", "decode", "context_strategy"):  # the last: c.context_strategy
             slots[f.name] = placeholder(_OPTIONAL_TYPES.get(f.name, type(f.default)))
     return ml_collections.ConfigDict(slots)
 
@@ -47,6 +47,11 @@ def get_config():
     c.vocab_size = 8000  # SentencePiece vocabulary trained on the train split (joint for translation)
     c.character_coverage = 1.0
     c.max_length = 128  # tokens per row (source and target each); longer sentences are trimmed
+    # Train texts longer than max_length: "trim" (keep the first max_length - 1 tokens + EOS) or
+    # "split" (long documents: cut into consecutive pieces of max_length, EOS after the last; a
+    # language model with pack and token_cache). Validation loss still trims; whole documents:
+    # long_document_strides below.
+    c.long_examples = "trim"
     c.pack = True  # pack several sentences per row (segment ids keep them apart) instead of padding
     c.batch_size = 64  # global rows per step, across all hosts and devices
     # Train batches made by this many worker processes (0: in the training process). A GPU/TPU host
@@ -99,6 +104,13 @@ def get_config():
     c.mesh_data = -1
     c.mesh_fsdp = 1
     c.mesh_tensor = 1
+    # Context parallelism: split each row's sequence over this many devices (max_length must divide);
+    # self-attention then runs under ops/context_parallel.py (training and scoring; decoding as usual)
+    c.mesh_context = 1
+    c.context_strategy = "all_gather"  # all_gather (K/V gathered per layer) | ring (K/V passed round)
+    # Causal LMs with mesh_context > 1: reorder each row (dual chunk swap, positions carried) so every
+    # device has the same causal work; needs max_length divisible by 2 x mesh_context
+    c.context_load_balance = False
     c.distributed = False  # call jax.distributed.initialize() (multi-host); its env/args below
     c.coordinator_address = ""  # host:port of process 0; "" = let JAX detect (TPU, SLURM, ...)
     c.num_processes = 0
@@ -110,6 +122,11 @@ def get_config():
     c.bleu_every = 5000  # steps between BLEU on the eval split (translation); 0 = only at the end
     c.bleu_examples = 256  # sentences decoded for BLEU during training
     c.max_decode_length = 128
+    # eval.py on a language model: strided perplexity over whole documents of --split with a window
+    # of long_document_window tokens (0 = max_length) at each of these strides, e.g. "64,128" ("" =
+    # none); evaluation/long_documents.py
+    c.long_document_window = 0
+    c.long_document_strides = ""
     # The validation metric that picks the model: "" (loss every eval_every, greedy BLEU every
     # bleu_every) | loss | perplexity | bleu | chrf (scored every eval_every and at the last step).
     c.valid_metric = ""

@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import long_doc
 from flaxformer_lite import config, sharding, tasks
 from flaxformer_lite.data import datasets, packing, token_cache
 from flaxformer_lite.data import pipeline as ip
 from flaxformer_lite.data.datasets import bible
-from flaxformer_lite.evaluation import long_documents
+from flaxformer_lite.evaluation import long_documents, run
 from flaxformer_lite.ids import EOS_ID
 from flaxformer_lite.model.models import DecoderOnly
+from flaxformer_lite.train import experiment, loop
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bible_small.db")
 
@@ -258,3 +260,57 @@ def test_a_longer_window_than_the_learned_positions_is_refused():
     model, params = _tiny_lm()
     with pytest.raises(ValueError, match="window 32 is longer than the model's 16 learned positions"):
         _strided(model, params, _streams(0, [40]), 32, 8)
+
+
+# ------------------------------------------------------------------------------ configs/long_doc.py
+
+
+def _long_doc_config(data_dir, **changes):
+    c = long_doc.get_config()
+    c.model.overrides.update({"d_model": 32, "num_heads": 4, "d_ff": 64, "num_decoder_layers": 1})
+    c.update(db_path=FIXTURE, data_dir=data_dir, vocab_size=400, max_length=32, batch_size=8, **changes)
+    return c
+
+
+def test_long_doc_trains_on_pieces_of_whole_chapters(data_dir, tmp_path):
+    exp = experiment.build(_long_doc_config(data_dir), str(tmp_path))
+    batch = next(iter(exp.train_dataset()))
+    full_rows = 0
+    for ids, seg in zip(batch["targets"], batch["targets_segment_ids"], strict=True):
+        for s in range(1, seg.max() + 1):
+            piece = ids[seg == s]
+            assert len(piece) <= 32
+            full_rows += len(piece) == 32 and piece[-1] != EOS_ID  # impossible when texts are trimmed
+    assert full_rows > 0
+    trimmed = experiment.build(_long_doc_config(data_dir, long_examples="trim"), str(tmp_path))
+    assert all(row[seg > 0][-1] == EOS_ID for row, seg in _rows(next(iter(trimmed.train_dataset()))))
+    for changes, message in [
+        (dict(pack=False), "long_examples='split' cuts the token cache's texts into packed pieces"),
+        (dict(long_examples="cut"), "long_examples='cut'; use 'trim' or 'split'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            experiment.build(_long_doc_config(data_dir, **changes), str(tmp_path)).train_dataset()
+
+
+def _rows(batch):
+    return zip(batch["targets"], batch["targets_segment_ids"], strict=True)
+
+
+@pytest.mark.slow
+def test_eval_prints_strided_perplexity_of_whole_held_out_chapters(data_dir, tmp_path, capsys):
+    config = _long_doc_config(data_dir, num_train_steps=4, checkpoint_every=4, async_checkpoints=False)
+    config.long_document_strides = "16,32"
+    loop.train_and_evaluate(config, str(tmp_path))
+    summary = run.evaluate_workdir(
+        config, str(tmp_path), "test", beams=1, alpha=0.6, max_examples=0, batch_size=0
+    )
+    run.print_summary(summary)
+    sp = experiment.build(config, str(tmp_path), tokenizer="load").tokenizer
+    chapters = [t for t in _split_texts(data_dir, "chapters")["test"]]
+    tokens = sum(len(sp.encode(t)) + 1 for t in chapters)  # every token of every chapter, and its EOS
+    got = summary["long_documents"]
+    assert (got["documents"], got["document_tokens"], got["window"]) == (len(chapters), tokens, 32)
+    for stride in ("16", "32"):
+        assert got["strided"][stride]["tokens"] == tokens
+    assert got["strided"]["16"]["windows"] > got["strided"]["32"]["windows"]
+    assert "strided perplexity (4 whole documents" in capsys.readouterr().out

@@ -9,7 +9,8 @@ shuffle_bins=False, max_sequences_per_bin=max_segments)` followed by `.batch(bat
 the same example stream (tested against it): an example goes to the first row where every feature
 fits (and the row holds fewer than `max_segments`); the first example that fits no row closes the
 batch and opens the next one. Examples are trimmed to `max_length - 1` ids plus EOS; empty ones
-(only EOS) are skipped.
+(only EOS) are skipped. Pieces of longer texts (`token_cache.Pieces`) are packed whole, with EOS
+only after a text's last piece.
 
 The example stream is `EpochOrder`: a seeded permutation of the split per epoch (numpy's PCG64,
 reshuffled every epoch), cut into this host's rows of each global batch as `make_dataset` does.
@@ -64,9 +65,13 @@ class PackedBatches(grain.IterDataset):
         self.cache, self.order = cache, order
         self.batch_size, self.max_length, self.max_segments = batch_size, max_length, max_segments
         self.names = list(cache.names)
+        # Pieces of longer texts (token_cache.Pieces) end in EOS only where `ends`; other examples always.
+        self.ends = getattr(cache, "ends", None)
         # Packed length of every example per feature: trimmed ids + EOS, 0 for an empty example.
         lengths = np.stack([np.minimum(cache.lengths(n), max_length - 1) + 1 for n in self.names], 1)
         lengths[(lengths <= 1).any(axis=1)] = 0
+        if self.ends is not None:  # a piece without EOS: its ids, at most max_length (never empty)
+            lengths[~self.ends] = np.minimum(cache.lengths(self.names[0])[~self.ends], max_length)[:, None]
         if not lengths.any():
             raise ValueError("no example of the split survives tokenization (all are empty)")
         # 2 (or 4) bytes per example and feature, read as Python ints by the first-fit loop
@@ -141,12 +146,14 @@ class _PackedIterator(grain.DatasetIterator):
         arange = np.arange(ds.max_length, dtype=np.int32)
         for index, row, starts in self._plan():
             segment[row] += 1
+            eos = ds.ends is None or bool(ds.ends[index])
             for f, name in enumerate(ds.names):
                 ids, offsets = ds.cache.ids[name], ds.cache.offsets[name]
                 n = ds.lengths[f][index]
-                lo, start = offsets[index], starts[f]
-                out[name][row, start : start + n - 1] = ids[lo : lo + n - 1]
-                out[name][row, start + n - 1] = EOS_ID
+                lo, start, k = offsets[index], starts[f], n - eos  # k ids, then EOS if it ends its text
+                out[name][row, start : start + k] = ids[lo : lo + k]
+                if eos:
+                    out[name][row, start + k] = EOS_ID
                 out[f"{name}_segment_ids"][row, start : start + n] = segment[row]
                 out[f"{name}_positions"][row, start : start + n] = arange[:n]
         return out

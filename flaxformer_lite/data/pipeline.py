@@ -83,7 +83,9 @@ class FromCache:
         self.stats = stats if stats is not None else TokenizeStats()
         lengths = {name: cache.lengths(name) for name in cache.names}
         self.stats.examples += len(cache)
-        self.stats.trimmed += int(sum((n >= max_length).sum() for n in lengths.values()))
+        ends = getattr(cache, "ends", None)  # token_cache.Pieces: EOS only after a text's last piece
+        eos = 1 if ends is None else ends.astype(np.int64)
+        self.stats.trimmed += int(sum((n + eos > max_length).sum() for n in lengths.values()))
         self.stats.empty += int(np.logical_or.reduce([n == 0 for n in lengths.values()]).sum())
         self.stats.byte_fallback_tokens += cache.meta["byte_fallback_tokens"]
         if self.stats.empty == len(cache):

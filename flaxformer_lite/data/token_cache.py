@@ -157,6 +157,53 @@ class TokenSource:
         return f"TokenSource({self.folder!r}, {len(self)} examples)"
 
 
+class Pieces:
+    """A one-feature cache's examples cut into consecutive pieces of `length` tokens (long documents).
+
+    An example of n ids is n + 1 tokens with its EOS; piece k holds tokens [k * length, (k + 1) *
+    length) of that, so every piece but the last is `length` ids and no EOS (`ends` False), and the
+    last holds the rest and the EOS (`ends` True; a last piece of only the EOS is dropped). The packer
+    (`packing.PackedBatches`) reads `lengths`, `offsets`, `ids` and `ends` as it reads a TokenSource,
+    appending EOS only where `ends`. Nothing of a text is cut away, where trimming keeps its first
+    `length - 1` ids. Each piece is its own segment: its first token is predicted without context.
+    """
+
+    def __init__(self, cache: TokenSource, length: int):
+        if len(cache.names) != 1 or length < 2:
+            raise ValueError(
+                f"cutting examples into pieces needs one feature (a language model's) and a length >= 2; "
+                f"got features {cache.names} and length {length}: use long_examples='trim'."
+            )
+        self.cache, self.names, self.length = cache, cache.names, length
+        self.meta = cache.meta
+        name = self.names[0]
+        n = cache.lengths(name)
+        count = np.where(n > 0, n // length + 1 - ((n % length) == 0), 0)  # without an EOS-only piece
+        example = np.repeat(np.arange(len(n)), count)  # the example of each piece
+        k = np.arange(len(example)) - np.repeat(np.cumsum(count) - count, count)  # its index in it
+        self.offsets = {name: cache.offsets[name][example] + k * length}
+        self._lengths = np.minimum(n[example] - k * length, length)
+        self.ends = (k == count[example] - 1) & (self._lengths < length)
+
+    @property
+    def ids(self) -> dict[str, np.ndarray]:
+        return self.cache.ids
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def lengths(self, name: str) -> np.ndarray:
+        del name  # the one feature
+        return self._lengths
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        lo = self.offsets[self.names[0]][i]
+        return {self.names[0]: self.cache.ids[self.names[0]][lo : lo + self._lengths[i]].astype(np.int32)}
+
+    def __repr__(self) -> str:
+        return f"Pieces({self.cache!r}, length={self.length}, {len(self)} pieces)"
+
+
 def open_or_build(source, sp, model_path: str, features: dict[str, str], cache_dir: str, split: str):
     """The TokenSource of `source` tokenized by the model at `model_path`, built on first use."""
     folder = os.path.join(cache_dir, cache_name(split, model_path, source_id(source), features))

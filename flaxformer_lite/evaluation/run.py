@@ -41,6 +41,8 @@ def evaluate_workdir(config, workdir: str, split: str, *, beams: int, alpha: flo
         exp, params, split=split, max_batches=max_batches, bleu_examples=max_examples, decode_fn=decode,
         batch_size=batch_size or config.batch_size,
     )  # fmt: skip
+    if config.long_document_strides:  # a language model on whole documents, a sliding window
+        result["long_documents"] = _long_documents(exp, params, split)
     summary = {"split": split, "checkpoint_step": step, "checkpoint": checkpoint, "weights": weights,
                "dataset": config.dataset_name}  # fmt: skip
     out_dir = output_dir or os.path.join(workdir, "eval")
@@ -81,8 +83,28 @@ def _decode_fn(exp, params, *, beams, alpha, length_penalty, members, ensemble_m
     return (lambda _, inputs: decode(all_params, inputs)) if members else decode
 
 
+def _long_documents(exp, params, split: str) -> dict:
+    """Strided perplexity over the whole documents of `split` (evaluation/long_documents.py)."""
+    from flaxformer_lite.evaluation import long_documents
+
+    window = exp.config.long_document_window or exp.config.max_length
+    strides = long_documents.parse_strides(exp.config.long_document_strides, window)
+    return long_documents.evaluate(exp, params, split, window=window, strides=strides)
+
+
 def _lines(lines: list[str]) -> str:
     return "".join(line.replace("\n", " ") + "\n" for line in lines)
+
+
+def long_documents_lines(result: dict) -> str:
+    """What eval.py prints of `long_documents.evaluate`'s result: a line per stride."""
+    lines = [
+        f"strided perplexity ({result['documents']} whole documents, {result['document_tokens']} tokens, "
+        f"window {result['window']}):"
+    ]
+    for stride, r in result["strided"].items():
+        lines.append(f"  stride {stride}: perplexity {r['perplexity']:.2f} ({r['windows']} windows)")
+    return "\n".join(lines)
 
 
 def print_summary(summary: dict) -> None:
@@ -92,6 +114,8 @@ def print_summary(summary: dict) -> None:
         print(classify_metrics.describe(summary))
         return
     print(f"{summary['split']} (step {summary['checkpoint_step']}): perplexity {summary['perplexity']:.2f}")
+    if "long_documents" in summary:
+        print(long_documents_lines(summary["long_documents"]))
     if "bleu" not in summary:
         return
     print(f"BLEU {summary['bleu']:.2f}  {summary['bleu_signature']}")

@@ -129,7 +129,7 @@ class Experiment:
         """Endless, shuffled, packed (or padded) per-host batches of the train split: token ids from
         the workdir's token cache (built on first use) where the task reads text with spm.model."""
         split = self.config.train_split
-        cache = self.token_cache(split)
+        cache = self._pieces(self.token_cache(split))
         if cache is None:
             return self._dataset(split, self.tokenize(stats), train=True)
         c, from_cache = self.config, ip.FromCache(cache, self.config.max_length, stats, split)
@@ -140,6 +140,20 @@ class Experiment:
             max_segments=self.model.config.max_segments, seed=c.seed, shard_index=jax.process_index(),
             shard_count=jax.process_count(), workers=c.data_workers,
         )  # fmt: skip
+
+    def _pieces(self, cache: token_cache.TokenSource | None):
+        """With long_examples="split", the train cache cut into pieces of max_length (long documents)."""
+        how = self.config.long_examples
+        if how not in ("trim", "split"):
+            raise ValueError(f"bad config: long_examples={how!r}; use 'trim' or 'split'.")
+        if how == "trim":
+            return cache
+        if cache is None or not self.config.pack:
+            raise ValueError(
+                "bad config: long_examples='split' cuts the token cache's texts into packed pieces; "
+                "set token_cache=True and pack=True (a language model), or long_examples='trim'."
+            )
+        return token_cache.Pieces(cache, self.config.max_length)
 
     def token_cache(self, split: str) -> token_cache.TokenSource | None:
         """The split's token ids (`<workdir>/tokens/`), or None where the task tokenizes on the fly
@@ -218,6 +232,7 @@ class Experiment:
             sampling_schedule=sampling,
             ema_decay=c.ema_decay,
             objective=self._objective(),
+            load_balance=c.mesh_context if c.context_load_balance else 0,
         )
         with jax.set_mesh(self.mesh):
             return jax.jit(
@@ -427,7 +442,9 @@ def build(
             )
     new = _new_params(config, workdir, model, task) if tokenizer == "train" else ()  # readers: no updates
     tx, schedule = make_optimizer(config, model.config.d_model, new)
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, devices)
+    mesh = sharding.make_mesh(
+        config.mesh_data, config.mesh_fsdp, config.mesh_tensor, devices, context=config.mesh_context
+    )
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % split or (config.batch_size // config.grad_accum_steps) % split:
         raise ValueError(

@@ -1,0 +1,150 @@
+"""Strided sliding-window perplexity of a language model over whole documents.
+
+The protocol of the transformers docs' "Perplexity of fixed-length models": a window of `window`
+tokens slides over each document `stride` tokens at a time; in every window but the first, the
+first `window - stride` positions are context only and the rest are scored, so every token is
+scored exactly once, with at least `window - stride` tokens before it (all of them in the first
+window). Stride = window is plain chunking (no context carried over); stride 1 gives every token
+the full window. Each window is one row of the model's normal forward pass (no KV cache); the
+loss is the fp32 log-softmax NLL.
+
+A document is the token stream [start, t_0, ..., t_{n-1}, EOS] (start: the decoder's start token,
+as in training) whose targets are t_0, ..., EOS; window position p feeds stream[begin + p] and
+predicts stream[begin + p + 1]. transformers' loop on a text t (no start token) with window L
+scores what this does with window L - 1 on the stream t (see tests/test_long_documents.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from flaxformer_lite import ops, sharding
+from flaxformer_lite.data.pipeline import text_of
+from flaxformer_lite.evaluation import corpus_metrics
+from flaxformer_lite.ids import EOS_ID, PAD_ID
+
+
+def plan_windows(num_targets: int, window: int, stride: int) -> np.ndarray:
+    """[W, 3] int64 rows (begin, end, first scored): the windows over `num_targets` targets.
+
+    Window k predicts targets [begin, end) from the inputs at the same positions and scores
+    targets [first scored, end): all of them in the first window, then the `end - previous end`
+    (= stride, less in the last window) not scored before. The transformers docs' loop, verbatim.
+    """
+    if not 0 < stride <= window:
+        raise ValueError(f"the stride must be in 1..window ({window}); got {stride}.")
+    rows, previous_end = [], 0
+    for begin in range(0, max(num_targets, 1), stride):
+        end = min(begin + window, num_targets)
+        rows.append((begin, end, previous_end))
+        previous_end = end
+        if end == num_targets:
+            break
+    return np.asarray(rows, np.int64).reshape(-1, 3)
+
+
+def window_rows(stream: np.ndarray, window: int, stride: int) -> dict[str, np.ndarray]:
+    """A token stream [n + 1] (its targets: stream[1:]) -> one row per window, each [W, window]:
+    `decoder_inputs`, `targets`, `targets_segment_ids` (1 on the window), `targets_positions`
+    (0.. per window) and `scored` (1 where a target is scored)."""
+    plan = plan_windows(len(stream) - 1, window, stride)
+    out = {k: np.zeros((len(plan), window), np.int32) for k in _ROW_KEYS}
+    for row, (begin, end, first) in enumerate(plan):
+        n = end - begin
+        out["decoder_inputs"][row, :n] = stream[begin:end]
+        out["targets"][row, :n] = stream[begin + 1 : end + 1]
+        out["targets_segment_ids"][row, :n] = 1
+        out["targets_positions"][row, :n] = np.arange(n)
+        out["scored"][row, first - begin : n] = 1
+    return out
+
+
+_ROW_KEYS = ("decoder_inputs", "targets", "targets_segment_ids", "targets_positions", "scored")
+
+
+def _window_sums(params, rows: dict, *, model, task):
+    """(NLL sum, scored count) of a batch of windows: fp32 log-softmax over the model's logits."""
+    logits, targets, _ = task.forward(model, params, rows, jax.random.key(0), rows["decoder_inputs"])
+    return ops.cross_entropy(logits, targets, rows["scored"])
+
+
+_window_sums_jit = jax.jit(sharding.under_rules(_window_sums), static_argnames=("model", "task"))
+
+
+def strided_nll(
+    params, model, task, streams: list[np.ndarray], *, window: int, stride: int, batch_size: int, mesh
+) -> dict:
+    """NLL sum, scored tokens and window count of `streams` (each [start, ..., EOS]), windows
+    batched `batch_size` rows at a time (the last batch padded with unscored rows)."""
+    if model.config.position == "learned" and window > model.config.max_len:
+        raise ValueError(
+            f"window {window} is longer than the model's {model.config.max_len} learned positions; "
+            "pass a window <= max_len."
+        )
+    parts = [window_rows(s, window, stride) for s in streams]
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in _ROW_KEYS}
+    count = len(rows["targets"])
+    pad = -count % batch_size
+    rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
+    step = functools.partial(_window_sums_jit, model=model, task=task)
+    nll, scored = 0.0, 0.0
+    host, hosts = jax.process_index(), jax.process_count()
+    local = batch_size // hosts  # each host feeds its slice of every global batch
+    with jax.set_mesh(mesh):
+        for lo in range(0, len(rows["targets"]), batch_size):
+            mine = slice(lo + host * local, lo + (host + 1) * local)
+            sums = step(params, sharding.global_batch({k: v[mine] for k, v in rows.items()}, mesh))
+            nll, scored = nll + float(sums[0]), scored + float(sums[1])
+    return {"nll_sum": nll, "tokens": scored, "windows": count}
+
+
+def document_streams(sp, texts, max_documents: int = 0) -> list[np.ndarray]:
+    """Each text, whole (never trimmed), as the stream [start, ids..., EOS]."""
+    texts = list(texts)[: max_documents or None]
+    return [np.asarray([PAD_ID, *sp.encode(text_of(t)), EOS_ID], np.int32) for t in texts]
+
+
+def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...], max_documents=0) -> dict:
+    """Strided perplexity of `exp`'s language model on the whole documents of `split`, per stride:
+    {"window", "documents", "document_tokens", "strided": {stride: {nll, perplexity, tokens, windows}}}."""
+    if not exp.task.generates:
+        raise ValueError(
+            f"strided perplexity scores a language model; task {exp.task.name!r} is not one: "
+            "leave long_document_strides empty."
+        )
+    feature = exp.data.keys["targets"]
+    source = exp.data.open(split)
+    streams = document_streams(exp.tokenizer, (source[i][feature] for i in range(len(source))), max_documents)
+    out = {"window": window, "documents": len(streams), "document_tokens": sum(len(s) - 1 for s in streams)}
+    out["strided"] = {}
+    for stride in strides:
+        sums = strided_nll(
+            params, exp.inference_model, exp.task, streams, window=window, stride=stride,
+            batch_size=exp.config.batch_size, mesh=exp.mesh,
+        )  # fmt: skip
+        out["strided"][str(stride)] = {
+            "nll": sums["nll_sum"] / sums["tokens"],
+            "perplexity": corpus_metrics.perplexity(sums["nll_sum"], sums["tokens"]),
+            "tokens": sums["tokens"],
+            "windows": sums["windows"],
+        }
+    return out
+
+
+def parse_strides(text: str, window: int) -> tuple[int, ...]:
+    """ "64,128" -> (64, 128); each stride within 1..window."""
+    try:
+        strides = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(
+            f"bad config: long_document_strides={text!r}; give comma-separated integers."
+        ) from None
+    for stride in strides:
+        if not 0 < stride <= window:
+            raise ValueError(
+                f"bad config: stride {stride} in long_document_strides must be in 1..window ({window})."
+            )
+    return strides
