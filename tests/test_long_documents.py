@@ -314,3 +314,35 @@ def test_eval_prints_strided_perplexity_of_whole_held_out_chapters(data_dir, tmp
         assert got["strided"][stride]["tokens"] == tokens
     assert got["strided"]["16"]["windows"] > got["strided"]["32"]["windows"]
     assert "strided perplexity (4 whole documents" in capsys.readouterr().out
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("stride", [5, 15])
+def test_strided_perplexity_of_an_imported_gpt2_equals_the_transformers_docs_loop(stride, tmp_path):
+    """The docs' loop (window L, labels -100 on the context) on a random GPT-2 with torch, against our
+    window L - 1 on the same ids: transformers feeds L tokens to score at most L - 1 of them."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flaxformer_lite import interop
+
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(hf_config).eval().save_pretrained(tmp_path, safe_serialization=True)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = np.random.default_rng(0).integers(0, 101, 70)
+    window, nll_sum, n_tokens, prev_end = 16, 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        input_ids = torch.tensor(ids[None, begin:end])
+        target_ids = input_ids.clone()
+        target_ids[:, : -(end - prev_end)] = -100
+        with torch.no_grad():
+            loss = hf_model(input_ids, labels=target_ids).loss.item()  # the mean over the scored labels
+        scored = int((target_ids[:, 1:] != -100).sum())  # labels shift by one: position 0 never scores
+        nll_sum, n_tokens, prev_end = nll_sum + loss * scored, n_tokens + scored, end
+        if end == len(ids):
+            break
+    cfg, params = interop.from_hf(str(tmp_path))
+    got = _strided(DecoderOnly(cfg), params, [ids.astype(np.int32)], window - 1, stride)
+    assert got["tokens"] == n_tokens == len(ids) - 1
+    np.testing.assert_allclose(got["nll_sum"], nll_sum, rtol=1e-5)
