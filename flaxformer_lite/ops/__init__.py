@@ -17,6 +17,15 @@ from flaxformer_lite.ops.fused import segment_layout
 from flaxformer_lite.ops.logits import tied_logits
 from flaxformer_lite.ops.losses import accuracy, cross_entropy, token_losses
 from flaxformer_lite.ops.norms import layer_norm, rms_norm
+from flaxformer_lite.ops.patterns import (
+    PATTERNS,
+    AttentionPattern,
+    bigbird_mask,
+    chunked_mask,
+    local_mask,
+    longformer_mask,
+    pattern_mask,
+)
 from flaxformer_lite.ops.positions import (
     alibi_bias,
     alibi_slopes,
@@ -31,12 +40,16 @@ from flaxformer_lite.ops.sequences import shift_right
 __all__ = [
     "ACTIVATIONS",
     "GATED_ACTIVATIONS",
+    "PATTERNS",
+    "AttentionPattern",
     "accuracy",
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
+    "bigbird_mask",
     "cached_attention",
     "causal_mask",
+    "chunked_mask",
     "choose_implementation",
     "combine_masks",
     "cross_entropy",
@@ -44,7 +57,10 @@ __all__ = [
     "dropout",
     "gated",
     "layer_norm",
+    "local_mask",
+    "longformer_mask",
     "padding_mask",
+    "pattern_mask",
     "reference_attention",
     "relative_position_bias",
     "relative_position_bucket",

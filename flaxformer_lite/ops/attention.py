@@ -15,6 +15,7 @@ from jaxtyping import Bool, Float, Int
 
 from flaxformer_lite.ops import fused
 from flaxformer_lite.ops.dropout import dropout as _dropout
+from flaxformer_lite.ops.patterns import AttentionPattern, pattern_mask
 
 Array = jax.Array  # shapes in annotations: jaxtyping, checked by beartype in tests
 
@@ -67,7 +68,7 @@ def combine_masks(*masks: Array | None) -> Array | None:
     return out
 
 
-def _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window):
+def _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window, pattern=None):
     """Every constraint as one boolean [B, 1 or N, T, S] mask (None if unconstrained)."""
     B, T = q.shape[:2]
     S = k.shape[1]
@@ -82,6 +83,7 @@ def _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window)
         causal_mask(q_idx, kv_idx) if is_causal else None,
         seg,
         sliding_window_mask(q_idx, kv_idx, local_window) if local_window is not None else None,
+        pattern_mask(pattern, q_idx, kv_idx, causal=is_causal),
     )
 
 
@@ -174,6 +176,7 @@ def choose_implementation(
     packed: bool = False,
     packed_on_cudnn: bool = True,
     bidirectional_window: bool = False,
+    pattern: AttentionPattern | None = None,
     requested: str | None = None,
 ) -> tuple[str, str]:
     """(implementation, reason): the fused kernel for `backend` ("gpu", "tpu", "cpu") when it can
@@ -182,7 +185,8 @@ def choose_implementation(
     `requested` forces a path ("cudnn", "splash", ...); inputs it cannot serve still fall back.
     `packed`: rows hold several sequences, which cuDNN serves only where `packed_on_cudnn`
     (a Hopper or newer GPU). `bidirectional_window`: a local window without causality, which
-    cuDNN's left-only windows cannot express.
+    cuDNN's left-only windows cannot express. `pattern`: a sparse pattern other than local
+    (longformer, bigbird, chunked), which only splash serves (bigbird blocks multiples of 128).
     """
     if requested in ("reference", "xla"):
         return requested, "attention_impl forces it"
@@ -202,10 +206,14 @@ def choose_implementation(
             return "xla", "cuDNN packed rows need a Hopper (sm90+) GPU"
         if bidirectional_window:
             return "xla", "cuDNN windows are left-only (causal)"
+        if pattern is not None:
+            return "xla", f"cuDNN has no {pattern.kind} pattern (only causal and left windows)"
         return "cudnn", "packed rows as per-sequence lengths and offsets" if packed else "fused kernel"
     if want in ("splash", "splash_interpret"):
         if q_len % fused.LANES or kv_len % fused.LANES:
             return "xla", f"splash needs lengths that are multiples of {fused.LANES}, not {q_len}x{kv_len}"
+        if pattern is not None and pattern.kind == "bigbird" and pattern.block % fused.LANES:
+            return "xla", f"splash needs bigbird blocks in multiples of {fused.LANES}, not {pattern.block}"
         return want, "segment ids in the kernel" if packed else "fused kernel"
     return "xla", f"no fused kernel on {backend}"
 
@@ -240,6 +248,7 @@ def dot_product_attention(
     segment_ids: Int[Array, "B T"] | None = None,
     kv_segment_ids: Int[Array, "B S"] | None = None,
     local_window: int | None = None,
+    pattern: AttentionPattern | None = None,
     max_segments: int | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -257,6 +266,8 @@ def dot_product_attention(
         same id, and the output at padding queries is 0 on every path. kv_segment_ids [B, S] gives
         the keys' ids when they differ (cross-attention: query sequence j meets key sequence j).
       local_window: keys fewer than this many positions from the query (left-only with causal).
+      pattern: a sparse pattern (`ops.patterns.AttentionPattern`: local, longformer, bigbird,
+        chunked) over row indices, ANDed with the rest; a local pattern is `local_window`.
       max_segments: most sequences in one row (static; the packer's cap). cuDNN sizes its packed
         layout by it; 1 means unpacked rows padded at the end. None: T.
       dropout_rate, dropout_rng: dropout on the attention probabilities (forces "reference").
@@ -280,6 +291,11 @@ def dot_product_attention(
             f"attention dropout needs implementation='reference', not {implementation!r}; "
             "set the attention dropout rate to 0 to use the fused kernels."
         )
+    if pattern is not None and pattern.kind in ("full", "local"):  # the window kernels serve these
+        if pattern.kind == "local" and local_window is not None:
+            raise ValueError("both local_window and a local pattern given: pass one of them.")
+        local_window = pattern.window if pattern.kind == "local" else local_window
+        pattern = None
     T, S = q.shape[1], k.shape[1]
     max_segments = T if max_segments is None else max_segments
     packed = segment_ids is not None and max_segments > 1
@@ -295,6 +311,7 @@ def dot_product_attention(
         packed=packed,
         packed_on_cudnn=not packed or fused.cudnn_supports_packing(),
         bidirectional_window=local_window is not None and not is_causal,
+        pattern=pattern,
         requested=implementation,
     )
     _announce(f"q{tuple(q.shape)} kv{tuple(k.shape)} {q.dtype}: {impl} ({why})")
@@ -307,10 +324,10 @@ def dot_product_attention(
     if impl in ("splash", "splash_interpret"):
         return fused.splash_attention(
             q, k, v, is_causal=is_causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-            local_window=local_window, interpret=impl == "splash_interpret", scale=scale,
+            local_window=local_window, interpret=impl == "splash_interpret", scale=scale, pattern=pattern,
         )  # fmt: skip
-    if impl == "reference" or segment_ids is not None or mask is not None:
-        full = _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window)
+    if impl == "reference" or segment_ids is not None or mask is not None or pattern is not None:
+        full = _full_mask(q, k, mask, is_causal, segment_ids, kv_segment_ids, local_window, pattern)
         if impl == "reference":
             out = reference_attention(
                 q, k, v, mask=full, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng,

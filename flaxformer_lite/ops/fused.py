@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Float, Int
 
+from flaxformer_lite.ops import patterns
+
 Array = jax.Array
 
 # Mesh axes that shard the batch and the heads: the mesh side of sharding.DEFAULT_RULES (a test
@@ -138,23 +140,96 @@ def cudnn_attention(
     return zero_padding_queries(out, segment_ids).astype(q.dtype)
 
 
-def _block(length: int) -> int:
-    """The largest of 512, 256, 128 that divides `length`."""
-    return next(b for b in (512, 256, LANES) if length % b == 0)
+SPLASH_BLOCKS = (512, 256, LANES)  # splash block sizes to try, largest first
 
 
-def _splash_kernel(T, S, N, mqa, is_causal, local_window, interpret):
+def _block(length: int, divides: int = 512) -> int:
+    """The largest of SPLASH_BLOCKS that divides `length` and `divides` (bigbird's block)."""
+    return next(b for b in SPLASH_BLOCKS if length % b == 0 and divides % b == 0)
+
+
+@functools.cache
+def _pattern_mask_type():
+    """splash's computable-mask class for an `AttentionPattern` (made once; splash imports lazily)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    class PatternMask(masks._ComputableMask):
+        """`patterns.pattern_rule` evaluated per block: on the host by splash's mask processing
+        (numpy ids: which blocks are empty, full or partial) and inside the kernel (jax ids).
+
+        BigBird's block map is looked up on the host only: its blocks are unions of splash blocks,
+        so every block it rules out is skipped and inside a block only the diagonal/causal part varies.
+        """
+
+        def __init__(self, shape, pattern, causal):
+            self.pattern, self.causal = pattern, causal
+            block_map = None
+            if pattern.kind == "bigbird":
+                block_map = patterns.bigbird_block_map(pattern, patterns.num_blocks(pattern, *shape), causal)
+
+            def mask_function(q_ids, kv_ids):
+                on_host = isinstance(q_ids, np.ndarray)
+                return patterns.pattern_rule(
+                    pattern, q_ids, kv_ids, causal=causal, block_map=block_map if on_host else None
+                )
+
+            super().__init__(shape=shape, mask_function=mask_function)
+
+        def __eq__(self, other):
+            key = lambda m: (m.shape, m.pattern, m.causal)  # noqa: E731
+            return isinstance(other, PatternMask) and key(self) == key(other)
+
+        def __hash__(self):
+            return hash((PatternMask, self.shape, self.pattern, self.causal))
+
+    return PatternMask
+
+
+def pattern_splash_mask(pattern: patterns.AttentionPattern, shape: tuple[int, int], causal: bool):
+    """A splash computable mask ([T, S], evaluated per block, never a T x S array) for `pattern`."""
+    return _pattern_mask_type()(tuple(shape), pattern, causal)
+
+
+def splash_block(pattern: patterns.AttentionPattern | None, length: int) -> int:
+    """The splash block for a length: the largest of 512, 256, 128 dividing it (and bigbird's block)."""
+    return _block(length, pattern.block if pattern is not None and pattern.kind == "bigbird" else 512)
+
+
+def _splash_mask(T, S, is_causal, local_window, pattern):
+    """One head's splash mask [T, S]: a computable mask (or FullMask), never a dense array."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    if pattern is not None:
+        return pattern_splash_mask(pattern, (T, S), is_causal)
+    if local_window is not None:
+        right = 0 if is_causal else local_window - 1
+        return splash.LocalMask((T, S), (local_window - 1, right), offset=0)
+    return splash.CausalMask((T, S)) if is_causal else splash.FullMask((T, S))
+
+
+def splash_block_counts(
+    T: int, S: int, *, is_causal: bool, local_window: int | None = None, pattern=None
+) -> tuple[int, int, int]:
+    """(computed blocks, all blocks, block size) of one head's splash forward pass.
+
+    From splash's own mask processing (`process_mask`, what the kernel's grid reads): a block of
+    `block_mask` 0 is skipped. The backward passes (dq, dkv) visit the same blocks.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as info
+
+    bq, bkv = splash_block(pattern, T), splash_block(pattern, S)
+    mask = masks.MultiHeadMask([_splash_mask(T, S, is_causal, local_window, pattern)])
+    mask_info, _ = info.process_mask(mask, (bq, bkv), shrink_grid=False)
+    return int(np.count_nonzero(mask_info.block_mask)), (T // bq) * (S // bkv), bq
+
+
+def _splash_kernel(T, S, N, mqa, is_causal, local_window, interpret, pattern=None):
     """A splash MHA (or MQA) kernel for one example: [N, T, H] queries against [K, S, H] keys."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    if local_window is not None:
-        right = 0 if is_causal else local_window - 1
-        mask = splash.LocalMask((T, S), (local_window - 1, right), offset=0)
-    elif is_causal:
-        mask = splash.CausalMask((T, S))
-    else:
-        mask = splash.FullMask((T, S))
-    bq, bkv = _block(T), _block(S)
+    mask = _splash_mask(T, S, is_causal, local_window, pattern)
+    bq, bkv = splash_block(pattern, T), splash_block(pattern, S)
     blocks = splash.BlockSizes(
         block_q=bq,
         block_kv=bkv,
@@ -209,10 +284,12 @@ def splash_attention(
     local_window: int | None,
     interpret: bool = False,
     scale: float | None = None,
+    pattern: patterns.AttentionPattern | None = None,
 ) -> Float[Array, "B T N H"]:
     """Pallas splash attention (TPU), vmapped over the batch and run per shard under a mesh.
 
     scale: on the logits (None: 1/sqrt(H)); splash has no scale argument, so q is scaled.
+    pattern: a sparse pattern (`ops.patterns`) as a computable mask; its empty blocks are skipped.
     T and S must be multiples of 128. `interpret=True` runs the same kernel on any backend (tests).
     Under a mesh (jax.set_mesh) the batch is split over BATCH_MESH_AXES and heads over
     HEAD_MESH_AXIS with shard_map; K/V heads that do not split are repeated to N first.
@@ -236,7 +313,7 @@ def splash_attention(
 
     def per_shard(q, k, v, *segments):
         n_local, mqa = q.shape[2], k.shape[2] == 1
-        kernel = _splash_kernel(T, S, n_local, mqa, is_causal, local_window, interpret)
+        kernel = _splash_kernel(T, S, n_local, mqa, is_causal, local_window, interpret, pattern)
         q = q * jnp.asarray(scale, q.dtype)
         qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, L, heads, H] -> [B, heads, L, H]
         if mqa:
