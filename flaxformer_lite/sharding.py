@@ -1,8 +1,9 @@
 """Device mesh from config sizes and the logical-axis rule table that maps our axis names onto it.
 
-Data parallel, FSDP and tensor parallel are only mesh sizes: data=-1 (all devices) is pure data
-parallelism; fsdp=N shards params and optimizer state over N devices along "embed"; tensor=N
-splits heads, mlp and vocab. The batch is split over data x fsdp.
+Data parallel, FSDP, context and tensor parallel are only mesh sizes: data=-1 (all devices) is
+pure data parallelism; fsdp=N shards params and optimizer state over N devices along "embed";
+context=N splits the activations' sequence ("length") N ways, and self-attention runs under
+`ops.context_parallel`; tensor=N splits heads, mlp and vocab. The batch is split over data x fsdp.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from optax.transforms import MaskedNode
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # The logical axis names: on params (layers.py), on activations and in the rule table below.
 BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV = "batch", "length", "embed", "heads", "kv_heads", "kv"
@@ -25,9 +26,10 @@ AXES = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV, MLP, VOCAB, LAYERS, CLASSES, 
 
 # Logical axis -> mesh axis (or None = replicated). A mesh axis already used by an earlier
 # dimension of the same array is skipped, so activations [batch, length, embed] keep embed whole.
+# "length" is on activations (and the learned position table): with context=1 nothing is split.
 DEFAULT_RULES = (
     (BATCH, ("data", "fsdp")),
-    (LENGTH, None),
+    (LENGTH, "context"),
     (EMBED, "fsdp"),
     (HEADS, "tensor"),
     (KV_HEADS, "tensor"),
@@ -40,35 +42,41 @@ DEFAULT_RULES = (
 )
 
 
-def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -> tuple[int, int, int]:
-    """Resolve one -1 ("fill") and check that the sizes multiply to the device count."""
-    sizes = [data, fsdp, tensor]
+def mesh_shape(
+    num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1
+) -> tuple[int, int, int, int]:
+    """(data, fsdp, context, tensor), the MESH_AXES order: one -1 ("fill") resolved, and the sizes
+    checked to multiply to the device count."""
+    names = ("data", "fsdp", "context", "tensor")
+    sizes = [data, fsdp, context, tensor]
+    given = ", ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: at most one may be -1.")
+        raise ValueError(f"mesh sizes {given}: at most one may be -1.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if known <= 0 or num_devices % known:
             raise ValueError(
-                f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} cannot fill {num_devices} devices; "
+                f"mesh sizes {given} cannot fill {num_devices} devices; "
                 "pick sizes whose product divides the device count."
             )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
+        product = " x ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
         raise ValueError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+            f"mesh {product} = {math.prod(sizes)} devices, "
             f"but {num_devices} are available; set one size to -1 to fill."
         )
     return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all, across hosts)."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, context: int = 1) -> Mesh:
+    """A (data, fsdp, context, tensor) mesh over `devices` (default: all, across hosts)."""
     if devices is None:  # all devices, laid out by jax for the hardware's interconnect
-        shape = mesh_shape(jax.device_count(), data, fsdp, tensor)
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        shape = mesh_shape(jax.device_count(), data, fsdp, tensor, context)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
     # Given devices (a subset, or a TPU/GPU topology to compile for) are used as given: never
     # replaced by this machine's devices because the counts happen to match.
-    shape = mesh_shape(len(devices), data, fsdp, tensor)
+    shape = mesh_shape(len(devices), data, fsdp, tensor, context)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

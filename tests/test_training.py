@@ -105,7 +105,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_fsdp_and_tensor_parallel_match_single_device():
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)  # the 2x4 (tensor x fsdp) part of 8 fake devices
-    assert mesh.devices.shape == (1, 4, 2)
+    assert mesh.devices.shape == (1, 4, 1, 2)  # data, fsdp, context, tensor
     sharded_state, sharded = _run("translation", mesh, 4, vocab=68)
     _, single = _run("translation", _single_device_mesh(), 4, vocab=68)
     np.testing.assert_allclose(sharded, single, rtol=1e-5)

@@ -207,7 +207,8 @@ def _grad_kv(q, k, v, do, lse, delta, q_ids, k_ids, spec: _Spec) -> tuple[Array,
         zeros = jnp.zeros(kc.shape, jnp.float32)
         return lax.scan(step, (zeros, zeros), queries)[0]
 
-    dk, dv = lax.map(per_key_chunk, (_split(k, ck), _split(v, ck), _split(k_ids[0], ck), _split(k_ids[1], ck)))
+    keys = (_split(k, ck), _split(v, ck), _split(k_ids[0], ck), _split(k_ids[1], ck))
+    dk, dv = lax.map(per_key_chunk, keys)
     return _join(dk), _join(dv)
 
 

@@ -299,7 +299,9 @@ def find_max_batch(config, target: aot_targets.Target, devices, function: str, b
     device's memory: memory is close to linear in the batch, so this often settles it in 3-4
     compiles (the config's batch, the prediction, one more that fails).
     """
-    mesh = sharding.mesh_shape(len(devices), config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    mesh = sharding.mesh_shape(
+        len(devices), config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_context
+    )
     step = mesh[0] * mesh[1] * config.grad_accum_steps
 
     def attempt(batch: int) -> dict | None:

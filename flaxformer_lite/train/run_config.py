@@ -22,7 +22,7 @@ from flaxformer_lite.train import checkpoint, mrt, selection, training
 # ModelConfig fields that change how a model runs, not what it computes.
 NOT_ARCHITECTURE = (
     "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "deterministic", "decode",
-    "dropout_rate", "attention_dropout_rate", "max_len", "init_std", "max_segments",
+    "dropout_rate", "attention_dropout_rate", "max_len", "init_std", "max_segments", "context_strategy",
 )  # fmt: skip
 
 
@@ -35,6 +35,8 @@ RESUMABLE_CHANGES = (
     "mesh_data", "mesh_fsdp", "mesh_tensor", "distributed", "coordinator_address", "num_processes",
     "process_id", "model.overrides.attention_impl", "model.overrides.remat_policy", "keep_best", "patience",
     "valid_beam_size", "objective", "mrt_candidates", "mrt_source", "mrt_temperature", "mrt_alpha", "mrt_mix",
+    "mesh_context", "context_strategy", "context_load_balance",
+    "long_document_window", "long_document_strides",  # read by eval.py only
 )  # fmt: skip
 
 
@@ -136,6 +138,7 @@ def validate(config) -> None:
     )
     need(config.schedule_steps >= 0, f"schedule_steps={config.schedule_steps} must be >= 0")
     selection.check_config(config, task)
+    training.check_context(config, task)
     mrt.check_config(config, task)
     need(
         not (config.init_from and config.init_from_hf),
@@ -168,13 +171,20 @@ def model_config(config, vocab_size: int) -> ModelConfig:
         cfg = interop.config_from_dir(config.init_from_hf)
         runtime_fields = {k: v for k, v in overrides.items() if k in NOT_ARCHITECTURE and k != "max_len"}
         head = {k: v for k, v in overrides.items() if k in ("num_classes", "pooling")}  # a new classifier's
+        runtime_fields["context_strategy"] = _context_strategy(config)
         return cfg.replace(**runtime_fields, **head, **({} if config.pack else {"max_segments": 1}))
     overrides.pop("vocab_size", None)  # always the tokenizer's
     if not config.pack:
         overrides.setdefault("max_segments", 1)  # padded rows: one sequence each
+    overrides["context_strategy"] = _context_strategy(config)
     cfg = preset(config.model.preset, vocab_size=vocab_size, **overrides)
     need_len = max(config.max_length, config.max_decode_length)
     return cfg if cfg.max_len >= need_len else cfg.replace(max_len=need_len)
+
+
+def _context_strategy(config) -> str:
+    """The run's context-parallel strategy (a config saved by a checkpoint older than it: the default)."""
+    return config.get("context_strategy", "all_gather")
 
 
 def make_optimizer(config, d_model: int, new_params: tuple[str, ...] = ()):

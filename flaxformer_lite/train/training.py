@@ -18,7 +18,9 @@ import optax
 from flax import linen as nn
 
 from flaxformer_lite import ops
+from flaxformer_lite.cli import need
 from flaxformer_lite.model.models import variant
+from flaxformer_lite.ops import context_parallel
 from flaxformer_lite.sharding import DEFAULT_RULES, logical_shardings
 from flaxformer_lite.tasks import Task
 
@@ -146,16 +148,52 @@ def _scheduled_sampling_inputs(model, task: Task, params, batch, rng, prob):
     return ops.shift_right(jnp.where(coin, preds, gold), batch["targets_segment_ids"])
 
 
-def loss_sums(params, batch, rng, *, model, task, label_smoothing=0.0, sampling_prob=None):
+def loss_sums(params, batch, rng, *, model, task, label_smoothing=0.0, sampling_prob=None, load_balance=0):
     """(smoothed loss sum, (weight sum, NLL sum, correct count, extra metric sums)) over a batch.
 
-    Another objective (e.g. `mrt.loss_sums`) returns the same, its own metrics in the dict."""
+    Another objective (e.g. `mrt.loss_sums`) returns the same, its own metrics in the dict.
+    load_balance: the context axis size C > 1 to feed the model each row in the dual-chunk-swap
+    order (decoder inputs shifted first; positions, targets and weights move with their tokens, so
+    the summed loss is the same) for equal causal work per device; 0 = the rows as they are."""
     decoder_inputs = None
     if sampling_prob is not None:
         decoder_inputs = _scheduled_sampling_inputs(model, task, params, batch, rng, sampling_prob)
+    if load_balance > 1:
+        batch, decoder_inputs = load_balanced(batch, decoder_inputs, load_balance)
     logits, targets, weights = task.forward(model, params, batch, rng, decoder_inputs)
     loss, nll, correct, denom = ops.token_losses(logits, targets, weights, label_smoothing)
     return loss, (denom, nll, correct, {})
+
+
+def load_balanced(batch: dict, decoder_inputs, context: int) -> tuple[dict, jax.Array]:
+    """A language model's [B, T] batch and decoder inputs (None: the shifted targets) in
+    `ops.context_parallel.load_balance_order(T, context)`: shard i holds chunks i and 2C-1-i."""
+    if decoder_inputs is None:
+        decoder_inputs = ops.shift_right(batch["targets"], batch["targets_segment_ids"])
+    order = context_parallel.load_balance_order(batch["targets"].shape[1], context)
+    return jax.tree.map(lambda x: context_parallel.reorder(x, order), (batch, decoder_inputs))
+
+
+def check_context(config, task: Task) -> None:
+    """Context parallelism's run settings: mesh_context, context_strategy, context_load_balance."""
+    c, strategies = config.mesh_context, context_parallel.STRATEGIES
+    need(c >= 1, f"mesh_context={c} must be >= 1 (1 = the sequence is not split)")
+    need(
+        config.context_strategy in strategies,
+        f"context_strategy={config.context_strategy!r}: use one of {strategies}",
+    )
+    need(config.max_length % c == 0, f"max_length={config.max_length} must be a multiple of mesh_context={c}")
+    if not config.context_load_balance:
+        return
+    need(c > 1, "context_load_balance needs mesh_context > 1 (it balances the devices that split a sequence)")
+    need(
+        task.name == "lm" and config.objective == "mle",
+        f"context_load_balance is for causal LMs (task='lm', objective='mle'), not task={task.name!r}",
+    )
+    need(
+        config.max_length % (2 * c) == 0,
+        f"context_load_balance needs max_length={config.max_length} divisible by 2 x mesh_context = {2 * c}",
+    )
 
 
 # ------------------------------------------------------------------------------ steps
@@ -175,10 +213,12 @@ def train_step(
     sampling_schedule: Callable | None = None,
     ema_decay: float = 0.0,
     objective: Callable | None = None,
+    load_balance: int = 0,
 ) -> tuple[TrainState, dict]:
     """One optimizer update from `batch` (split into `grad_accum_steps` micro-batches); with an
     `ema_params` state, also their moving average (`ema_update`). objective: a loss with
-    `loss_sums`'s signature and returns (default: the token-level loss)."""
+    `loss_sums`'s signature and returns (default: the token-level loss). load_balance: see
+    `loss_sums` (the token-level loss only)."""
     step_rng = jax.random.fold_in(rng, state.step)
     prob = None if sampling_schedule is None else sampling_schedule(state.step)
     grad_fn = jax.value_and_grad(
@@ -188,6 +228,7 @@ def train_step(
             task=task,
             label_smoothing=label_smoothing,
             sampling_prob=prob,
+            **({"load_balance": load_balance} if load_balance > 1 else {}),
         ),
         has_aux=True,
     )
