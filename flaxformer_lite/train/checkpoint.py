@@ -111,6 +111,7 @@ class Checkpointer:
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
             "ema": ocp.StandardCheckpointHandler(),  # the params' moving average, when kept
+            "memory": ocp.StandardCheckpointHandler(),  # Transformer-XL memory, when kept
             "checksums": ocp.JsonCheckpointHandler(),  # of every array item (checksums.py)
         }
         self._saving = None  # the step whose (async) save may still be in flight
@@ -134,6 +135,8 @@ class Checkpointer:
         arrays = {"params": state.params, "opt": opt}
         if state.ema_params is not None:
             arrays["ema"] = state.ema_params
+        if state.memory is not None:  # Transformer-XL memory: the next batch's rows continue it
+            arrays["memory"] = state.memory
         items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
         sums = {name: checksums.tree_checksums(tree) for name, tree in arrays.items()}
         items["checksums"] = ocp.args.JsonSave({"version": checksums.VERSION, **sums})
@@ -240,12 +243,14 @@ class Checkpointer:
                 items["opt"] = ocp.args.StandardRestore(opt)
                 if abstract_state.ema_params is not None and "ema" in saved:
                     items["ema"] = ocp.args.StandardRestore(abstract_state.ema_params)
+                if abstract_state.memory is not None:
+                    items["memory"] = ocp.args.StandardRestore(abstract_state.memory)
             out = self.manager.restore(s, args=ocp.args.Composite(**items))
             if "state" in out and out["state"] is not None:
                 state = out["state"]
                 checksums.check_finite({"params": state.params, "opt": state.opt_state})
             else:
-                arrays = {name: out[name] for name in ("params", "opt", "ema") if name in items}
+                arrays = {name: out[name] for name in ("params", "opt", "ema", "memory") if name in items}
                 self._verify(s, arrays)
                 checksums.check_finite(arrays)
                 ema = None  # a run that starts keeping an average starts from the params (a copy: donated)
@@ -253,7 +258,7 @@ class Checkpointer:
                     ema = out["ema"] if "ema" in items else jax.tree.map(jnp.copy, out["params"])
                 state = abstract_state.replace(
                     step=out["opt"]["step"], params=out["params"], opt_state=out["opt"]["opt_state"],
-                    ema_params=ema,
+                    ema_params=ema, memory=out.get("memory"),
                 )  # fmt: skip
             if data_iterator is not None:  # last: a step found damaged above never moves the iterator
                 data = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -420,7 +425,7 @@ class Checkpointer:
         """{item name: tree of array metadata} of the array items a step holds."""
         names = [
             n
-            for n in ("params", "opt", "state", "ema")
+            for n in ("params", "opt", "state", "ema", "memory")
             if os.path.isdir(os.path.join(self.directory, str(step), n))
         ]
         if "params" not in names and "state" not in names:

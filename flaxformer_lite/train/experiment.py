@@ -22,7 +22,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from flaxformer_lite import files, sharding, tasks
-from flaxformer_lite.data import datasets, token_cache
+from flaxformer_lite.data import datasets, streams, token_cache
 from flaxformer_lite.data import pipeline as ip
 from flaxformer_lite.data.tokenizer import load_or_train, load_sentencepiece
 from flaxformer_lite.model.models import variant
@@ -129,6 +129,11 @@ class Experiment:
         """Endless, shuffled, packed (or padded) per-host batches of the train split: token ids from
         the workdir's token cache (built on first use) where the task reads text with spm.model."""
         split = self.config.train_split
+        if self.model.config.memory_length:  # Transformer-XL: whole documents as contiguous row streams
+            return streams.DocumentStreams(
+                self.token_cache(split), rows=self.host_batch_size, max_length=self.config.max_length,
+                seed=self.config.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+            )  # fmt: skip
         cache = self._pieces(self.token_cache(split))
         if cache is None:
             return self._dataset(split, self.tokenize(stats), train=True)

@@ -17,7 +17,7 @@ import jax
 from flaxformer_lite import tasks
 from flaxformer_lite.cli import need
 from flaxformer_lite.config import ModelConfig, preset
-from flaxformer_lite.train import checkpoint, mrt, selection, training
+from flaxformer_lite.train import checkpoint, mrt, recurrence, selection, training
 
 # ModelConfig fields that change how a model runs, not what it computes.
 NOT_ARCHITECTURE = (
@@ -140,6 +140,7 @@ def validate(config) -> None:
     selection.check_config(config, task)
     training.check_context(config, task)
     mrt.check_config(config, task)
+    recurrence.check_config(config, task)
     need(
         not (config.init_from and config.init_from_hf),
         "init_from and init_from_hf are both set; start from one of them",

@@ -23,6 +23,7 @@ from flaxformer_lite.model.models import variant
 from flaxformer_lite.ops import context_parallel
 from flaxformer_lite.sharding import DEFAULT_RULES, logical_shardings
 from flaxformer_lite.tasks import Task
+from flaxformer_lite.train import recurrence
 
 
 @flax.struct.dataclass
@@ -31,6 +32,7 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any = None  # exponential moving average of params, sharded like them (None: off)
+    memory: Any = None  # Transformer-XL memory carried from step to step (train/recurrence.py; None: off)
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -90,10 +92,13 @@ def _init_fn(model: nn.Module, tx, task: Task, batch_shape: tuple[int, int], ema
     batch = task.example_batch(*batch_shape)
 
     def init(rng):
-        params = task.init(model, rng, batch)["params"]
+        variables = task.init(model, rng, batch)
+        params = variables["params"]
+        memory = variables.get(recurrence.MEMORY)  # only with memory_length: empty (document id 0)
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
             ema_params=params if ema else None,
+            memory=None if memory is None else jax.tree.map(jnp.zeros_like, memory),
         )  # fmt: skip
 
     return init
@@ -223,7 +228,7 @@ def train_step(
     prob = None if sampling_schedule is None else sampling_schedule(state.step)
     grad_fn = jax.value_and_grad(
         functools.partial(
-            objective or loss_sums,
+            objective or (loss_sums if state.memory is None else recurrence.loss_sums),
             model=model,
             task=task,
             label_smoothing=label_smoothing,
@@ -239,6 +244,8 @@ def train_step(
         return jax.tree.map(jnp.add, carry, (grads, loss, aux)), None
 
     k = grad_accum_steps
+    if state.memory is not None:  # rows continue the last batch's: so does their memory
+        batch = {**batch, recurrence.MEMORY: state.memory}
     if k == 1:  # no scan around a single micro-batch: XLA fuses and reuses buffers across it
         (loss, aux), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0))
     else:  # [B, ...] -> [k, B/k, ...]; a scan sums micro-batch gradients before the single division
@@ -252,12 +259,15 @@ def train_step(
         )
         (grads, loss, aux), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(k)))
     denom, nll, correct, extras = aux
+    memory = extras.pop(recurrence.MEMORY, None)
     denom = jnp.maximum(denom, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = None if state.ema_params is None else ema_update(state.ema_params, params, state.step, ema_decay)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, memory=memory
+    )
     metrics = {
         "loss": loss / denom,
         "nll": nll / denom,
