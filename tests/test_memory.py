@@ -97,7 +97,10 @@ def test_a_new_document_does_not_see_the_previous_ones_memory():
     got, _ = _segments(cfg, params, tokens, docs, positions)
     # Row 1's third document starts at the third segment: as if it were fed alone, without memory.
     alone = DecoderOnly(cfg.replace(memory_length=0)).apply(
-        {"params": params}, tokens[1:, 2 * T :], segment_ids=docs[1:, 2 * T :], positions=positions[1:, 2 * T :]
+        {"params": params},
+        tokens[1:, 2 * T :],
+        segment_ids=docs[1:, 2 * T :],
+        positions=positions[1:, 2 * T :],
     )
     np.testing.assert_allclose(got[1:, 2 * T :], alone, rtol=1e-5, atol=1e-5)
 

@@ -20,7 +20,9 @@ class _Cache:
 def _documents_in_order(seed, epochs):
     """The non-empty document indices, a seeded permutation per epoch (the module's stated order)."""
     kept = np.array([i for i, n in enumerate(LENGTHS) if n])
-    return [int(kept[j]) for e in range(epochs) for j in np.random.default_rng([seed, e]).permutation(len(kept))]
+    return [
+        int(kept[j]) for e in range(epochs) for j in np.random.default_rng([seed, e]).permutation(len(kept))
+    ]
 
 
 def _expected_row(g, G, seed, length):

@@ -43,22 +43,31 @@ def memory_perplexity(
     step = jax.jit(lambda p, mem, *batch: _step(model, p, mem, *batch))
     memory, nll_sum, tokens = None, 0.0, 0
     for batch in _segments(documents, segment_length, batch_size):
-        if memory is None:  # empty memory of the right shapes (none at all when memory_length is 0)
-            shapes = jax.eval_shape(lambda p: _apply(model, p, {}, *batch[1:])[1], params)
-            memory = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if memory is None:
+            memory = _empty_memory(model, params, batch)
         nll, count, memory = step(params, memory, *batch)
         nll_sum, tokens = nll_sum + float(nll), tokens + int(count)
     loss = nll_sum / max(tokens, 1)
     n_docs = sum(1 for d in documents if len(d))
-    return {"perplexity": math.exp(loss), "loss": loss, "nll_sum": nll_sum, "tokens": tokens, "documents": n_docs}
+    return {
+        "perplexity": math.exp(loss),
+        "loss": loss,
+        "nll_sum": nll_sum,
+        "tokens": tokens,
+        "documents": n_docs,
+    }
+
+
+def _empty_memory(model, params, batch):
+    """Empty memory of the shapes a [B, T] batch makes (none at all when memory_length is 0)."""
+    shapes = jax.eval_shape(lambda p: _apply(model, p, {}, *batch[1:])[1], params)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _apply(model, params, memory, inputs, doc_ids, positions):
     """(logits [B, T, V], the new memory collection) of one segment."""
     variables = {"params": params, **({MEMORY: memory} if memory else {})}
-    logits, new = model.apply(
-        variables, inputs, segment_ids=doc_ids, positions=positions, mutable=[MEMORY]
-    )
+    logits, new = model.apply(variables, inputs, segment_ids=doc_ids, positions=positions, mutable=[MEMORY])
     return logits, new.get(MEMORY, {})
 
 

@@ -223,7 +223,7 @@ class MultiHeadAttention(nn.Module):
             if cfg.position == "rope":
                 q = ops.apply_rope(q, q_pos, cfg.rope_theta)
                 k = ops.apply_rope(k, kv_pos, cfg.rope_theta)
-            if cfg.memory_length and self.causal and not cfg.decode:  # Transformer-XL memory (model/memory.py)
+            if cfg.memory_length and self.causal and not cfg.decode:  # Transformer-XL (model/memory.py)
                 out = memory.attend(self, q, k, v, segment_ids, positions, relative_table)
                 return dense(cfg, cfg.d_model, (HEADS, KV, EMBED), "out", in_axes=2)(out)
             bias = self._position_bias(q_pos, kv_pos, relative_table)
