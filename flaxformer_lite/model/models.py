@@ -247,7 +247,12 @@ class DecoderOnly(nn.Module):
     def __call__(
         self, tokens: Array, *, segment_ids: Array | None = None, positions: Array | None = None
     ) -> Array:
-        """Right padding needs no segment ids (causality hides it); packed or left-padded rows do."""
+        """Right padding needs no segment ids (causality hides it); packed or left-padded rows do.
+
+        With `config.memory_length` (Transformer-XL, model/memory.py) segment_ids are document ids
+        and positions offsets in the document, both continuing across calls; pass the "memory"
+        collection and make it mutable to carry it from segment to segment.
+        """
         return self.decoder(tokens, None, segment_ids, positions)
 
     def classify(
