@@ -342,3 +342,8 @@ def test_splash_skips_blocks_as_the_closed_form_says(causal):
         for J in range(nb)
     )
     assert (b, total, kept) == (256, nb * nb, want)
+
+
+def test_pattern_refused_where_it_would_be_ignored():
+    with pytest.raises(ValueError, match="memory attention"):
+        fl.tiny(attention_pattern="chunked", pattern_window=4, memory_length=8, position="rope")

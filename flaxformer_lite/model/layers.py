@@ -357,6 +357,11 @@ def sequence_shards() -> int:
 def _context_parallel(cfg: ModelConfig, q, k, v, bias, segment_ids, positions, causal, scale) -> Array:
     """Self-attention [B, T, N, H] with the sequence split over the mesh's context axis, masked by
     the tokens' original `positions` (a load-balanced batch carries them) and segment ids."""
+    if cfg.pattern is not None:
+        raise ValueError(
+            f"context parallelism (mesh_context={sequence_shards()}) has no sparse attention pattern: "
+            f"use attention_pattern='full' (not {cfg.attention_pattern!r}) or mesh_context=1."
+        )
     if bias is not None or (cfg.attention_dropout_rate > 0 and not cfg.deterministic):
         raise ValueError(
             f"context parallelism (mesh_context={sequence_shards()}) has no logit bias or attention "
