@@ -23,6 +23,7 @@ from flaxformer_lite.train import checkpoint, mrt, recurrence, selection, traini
 NOT_ARCHITECTURE = (
     "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "deterministic", "decode",
     "dropout_rate", "attention_dropout_rate", "max_len", "init_std", "max_segments", "context_strategy",
+    "memory_length",  # Transformer-XL memory: the same params read with more (or less) context
 )  # fmt: skip
 
 
