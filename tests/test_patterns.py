@@ -347,3 +347,23 @@ def test_splash_skips_blocks_as_the_closed_form_says(causal):
 def test_pattern_refused_where_it_would_be_ignored():
     with pytest.raises(ValueError, match="memory attention"):
         fl.tiny(attention_pattern="chunked", pattern_window=4, memory_length=8, position="rope")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_is_empty_is_sound(causal):
+    """A block the whole-block test calls empty has no allowed pair in the closed form (and the test
+    does call many blocks empty: it is what spares splash's mask processing most evaluations)."""
+    T, rng, said_empty = 64, np.random.default_rng(0), 0
+    for kind in KINDS:
+        p = _pattern(kind)
+        n = -(-T // p.block)
+        full = _closed_form(p, T, T, causal, _table(p, n, causal) if kind == "bigbird" else None)
+        block_map = patterns.bigbird_block_map(p, n, causal) if kind == "bigbird" else None
+        for _ in range(300):
+            q0, k0 = rng.integers(0, T, 2)
+            size = int(rng.choice([4, 8]))
+            rows, cols = range(q0, min(T, q0 + size)), range(k0, min(T, k0 + size))
+            if patterns.block_is_empty(p, rows, cols, causal=causal, block_map=block_map):
+                said_empty += 1
+                assert not full[rows.start : rows.stop, cols.start : cols.stop].any(), (kind, rows, cols)
+    assert said_empty > 300

@@ -174,6 +174,18 @@ def _pattern_mask_type():
                 )
 
             super().__init__(shape=shape, mask_function=mask_function)
+            self._block_map = block_map
+
+        def __getitem__(self, idx):
+            """The [q, kv] slice; a block the pattern rules out whole is zeros, not evaluated."""
+            if len(idx) == 2 and all(isinstance(x, slice) and x.step in (None, 1) for x in idx):
+                rows, cols = (range(*x.indices(n)) for x, n in zip(idx, self.shape, strict=True))
+                empty = patterns.block_is_empty(
+                    self.pattern, rows, cols, causal=self.causal, block_map=self._block_map
+                )
+                if rows and cols and empty:
+                    return np.zeros((len(rows), len(cols)), np.bool_)
+            return super().__getitem__(idx)
 
         def __eq__(self, other):
             key = lambda m: (m.shape, m.pattern, m.causal)  # noqa: E731

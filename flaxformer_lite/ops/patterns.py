@@ -238,6 +238,32 @@ def pattern_rule(pattern: AttentionPattern, q, k, *, causal: bool, block_map=Non
     return seen & (k <= q) if causal else seen
 
 
+def block_is_empty(
+    pattern: AttentionPattern, q_range: range, k_range: range, *, causal: bool, block_map=None
+) -> bool:
+    """True only if no query of `q_range` may see a key of `k_range` (a sound test on whole blocks:
+    False may still be an empty block). Lets splash's mask processing skip evaluating most blocks."""
+    q0, q1, k0, k1 = q_range.start, q_range.stop - 1, k_range.start, k_range.stop - 1
+    if causal and k0 > q1:
+        return True
+    if q0 <= k1 and k0 <= q1:  # the diagonal crosses the block
+        return False
+    gap = max(k0 - q1, q0 - k1)  # the nearest pair's distance (> 0 here)
+    kind, g = pattern.kind, pattern.global_tokens
+    if kind == "local":
+        return gap >= pattern.window
+    if kind == "longformer":
+        has_global = (lambda r: r.start < g) if isinstance(g, int) else (lambda r: any(p in r for p in g))
+        return gap >= pattern.window and not has_global(q_range) and not has_global(k_range)
+    if kind == "chunked":
+        c = pattern.window
+        return q1 // c < k0 // c or k1 // c < q0 // c
+    if kind == "bigbird" and block_map is not None:
+        b = pattern.block
+        return not block_map[q0 // b : q1 // b + 1, k0 // b : k1 // b + 1].any()
+    return False
+
+
 def pattern_mask(
     pattern: AttentionPattern | None,
     q_positions: Int[Array, "B T"],
