@@ -17,7 +17,7 @@ from flaxformer_lite.model.memory import MEMORY
 
 def memory_length(config) -> int:
     """The run's ModelConfig.memory_length (0: no memory), from `--config.model.overrides`."""
-    return int(config.model.overrides.get("memory_length", 0))
+    return int(config.model.overrides.get("memory_length") or 0)  # None: the preset's (0)
 
 
 def loss_sums(params, batch, rng, *, model, task, label_smoothing=0.0, sampling_prob=None):
