@@ -308,6 +308,9 @@ def _grouped(fn, q, k, v, q_ids, k_ids, spec, *extra):
     """`fn` on queries grouped by their kv head: [B, T, N, H] -> [B, T, K, G, H] and back."""
     B, T, N, H = q.shape
     K = k.shape[2]
+    # The ids tied to q: otherwise partial evaluation (remat, a scan over layers) finds the masks
+    # depend only on ids, "known" values, computes every block's mask ahead and keeps them all (T x S).
+    q, q_ids, k_ids = lax.optimization_barrier((q, q_ids, k_ids))
     out = fn(q.reshape(B, T, K, N // K, H), k, v, *q_ids, *k_ids, spec, *extra)
     return out.reshape(B, T, N, H)
 
