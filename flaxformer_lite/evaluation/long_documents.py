@@ -46,14 +46,16 @@ def plan_windows(num_targets: int, window: int, stride: int) -> np.ndarray:
     return np.asarray(rows, np.int64).reshape(-1, 3)
 
 
-def window_rows(stream: np.ndarray, window: int, stride: int) -> dict[str, np.ndarray]:
-    """A token stream [n + 1] (its targets: stream[1:]) -> one row per window, each [W, window]:
-    `decoder_inputs`, `targets`, `targets_segment_ids` (1 on the window), `targets_positions`
-    (0.. per window) and `scored` (1 where a target is scored)."""
-    plan = plan_windows(len(stream) - 1, window, stride)
-    out = {k: np.zeros((len(plan), window), np.int32) for k in _ROW_KEYS}
-    for row, (begin, end, first) in enumerate(plan):
-        n = end - begin
+def window_rows(streams: list[np.ndarray], windows, window: int, rows: int) -> dict[str, np.ndarray]:
+    """[rows, window] arrays of the `windows` (document, begin, end, first scored) of token `streams`
+    (each [n + 1], its targets stream[1:]); rows past the windows are padding (nothing scored).
+
+    `decoder_inputs` = stream[begin:end], `targets` = stream[begin + 1:end + 1], `targets_segment_ids`
+    1 on the window, `targets_positions` 0.. per window, `scored` 1 on targets [first, end).
+    """
+    out = {k: np.zeros((rows, window), np.int32) for k in _ROW_KEYS}
+    for row, (doc, begin, end, first) in enumerate(windows):
+        stream, n = streams[doc], end - begin
         out["decoder_inputs"][row, :n] = stream[begin:end]
         out["targets"][row, :n] = stream[begin + 1 : end + 1]
         out["targets_segment_ids"][row, :n] = 1
@@ -77,37 +79,32 @@ _window_sums_jit = jax.jit(sharding.under_rules(_window_sums), static_argnames=(
 def strided_nll(
     params, model, task, streams: list[np.ndarray], *, window: int, stride: int, batch_size: int, mesh
 ) -> dict:
-    """NLL sum, scored tokens and window count of `streams` (each [start, ..., EOS]), windows
-    batched `batch_size` rows at a time (the last batch padded with unscored rows)."""
+    """NLL sum, scored tokens and window count of `streams` (each [start, ..., EOS]): the windows of
+    every document, `batch_size` rows at a time (made batch by batch; the last padded, unscored)."""
     if model.config.position == "learned" and window > model.config.max_len:
         raise ValueError(
             f"window {window} is longer than the model's {model.config.max_len} learned positions; "
             "pass a window <= max_len."
         )
-    parts = [window_rows(s, window, stride) for s in streams]
-    rows = {k: np.concatenate([p[k] for p in parts]) for k in _ROW_KEYS}
-    count = len(rows["targets"])
-    pad = -count % batch_size
-    rows = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in rows.items()}
+    windows = [(d, *w) for d, s in enumerate(streams) for w in plan_windows(len(s) - 1, window, stride)]
     step = functools.partial(_window_sums_jit, model=model, task=task)
     nll, scored = 0.0, 0.0
-    host, hosts = jax.process_index(), jax.process_count()
-    local = batch_size // hosts  # each host feeds its slice of every global batch
+    local = batch_size // jax.process_count()  # each host feeds its slice of every global batch
     with jax.set_mesh(mesh):
-        for lo in range(0, len(rows["targets"]), batch_size):
-            mine = slice(lo + host * local, lo + (host + 1) * local)
-            sums = step(params, sharding.global_batch({k: v[mine] for k, v in rows.items()}, mesh))
+        for first in range(0, len(windows), batch_size):  # the same batches on every host
+            lo = first + jax.process_index() * local
+            rows = window_rows(streams, windows[lo : lo + local], window, local)
+            sums = step(params, sharding.global_batch(rows, mesh))
             nll, scored = nll + float(sums[0]), scored + float(sums[1])
-    return {"nll_sum": nll, "tokens": scored, "windows": count}
+    return {"nll_sum": nll, "tokens": scored, "windows": len(windows)}
 
 
-def document_streams(sp, texts, max_documents: int = 0) -> list[np.ndarray]:
+def document_streams(sp, texts) -> list[np.ndarray]:
     """Each text, whole (never trimmed), as the stream [start, ids..., EOS]."""
-    texts = list(texts)[: max_documents or None]
     return [np.asarray([PAD_ID, *sp.encode(text_of(t)), EOS_ID], np.int32) for t in texts]
 
 
-def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...], max_documents=0) -> dict:
+def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...]) -> dict:
     """Strided perplexity of `exp`'s language model on the whole documents of `split`, per stride:
     {"window", "documents", "document_tokens", "strided": {stride: {nll, perplexity, tokens, windows}}}."""
     if not exp.task.generates:
@@ -117,7 +114,7 @@ def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...], 
         )
     feature = exp.data.keys["targets"]
     source = exp.data.open(split)
-    streams = document_streams(exp.tokenizer, (source[i][feature] for i in range(len(source))), max_documents)
+    streams = document_streams(exp.tokenizer, (source[i][feature] for i in range(len(source))))
     out = {"window": window, "documents": len(streams), "document_tokens": sum(len(s) - 1 for s in streams)}
     out["strided"] = {}
     for stride in strides:
@@ -135,7 +132,7 @@ def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...], 
 
 
 def parse_strides(text: str, window: int) -> tuple[int, ...]:
-    """ "64,128" -> (64, 128); each stride within 1..window."""
+    """The strides of "64,128": (64, 128), each within 1..window."""
     try:
         strides = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
