@@ -285,13 +285,18 @@ def test_splash_pattern_matches_reference(kind, causal, packed, monkeypatch):
     _check_splash(SPLASH_PATTERNS[kind], causal, seg, 512, monkeypatch)
 
 
+SLOW_SPLASH = [
+    (kind, causal, packed)
+    for kind in sorted(SPLASH_PATTERNS)
+    for causal in (False, True)
+    for packed in (False, True)
+    if (kind, causal, packed) not in FAST_SPLASH
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("kind", sorted(SPLASH_PATTERNS))
+@pytest.mark.parametrize("kind,causal,packed", SLOW_SPLASH)
 def test_splash_every_pattern_matches_reference(kind, causal, packed, monkeypatch):
-    if (kind, causal, packed) in FAST_SPLASH:
-        pytest.skip("in the default tier")
     seg = _packed(512, [130, 300, 500]) if packed else None
     _check_splash(SPLASH_PATTERNS[kind], causal, seg, 512, monkeypatch)
 
