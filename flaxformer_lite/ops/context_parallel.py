@@ -7,8 +7,9 @@ Masks are built from each token's ORIGINAL position and its segment id, never fr
 the shard, so a load-balanced (reordered) sequence attends exactly as the unsharded one, and packed
 documents never attend across their boundaries. Both strategies are blockwise with an online
 (log-sum-exp) softmax in fp32 and a custom backward that recomputes the probabilities from the
-saved log-sum-exp (flash attention in plain XLA: nothing of size T x S is stored, and the largest
-temporary is one [chunk x chunk] block of logits per head):
+saved log-sum-exp (flash attention in plain XLA: nothing of size T x S is stored, the largest
+temporary is one [chunk x chunk] block of logits per head, and a block the mask wholly hides, as
+about half are under a causal mask, is skipped by `lax.cond` at run time):
 
 - all_gather: keys, values (and their positions and segment ids) are gathered from every shard,
   queries stay local; the keys' and values' gradients are reduce-scattered back (the transpose of
@@ -109,20 +110,28 @@ def _join(x: Array) -> Array:
     return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2], *x.shape[3:])
 
 
-def _logits(q, k, q_ids, k_ids, spec: _Spec) -> Array:
-    """q [B, Tq, K, G, H], k [B, S, K, H] -> fp32 logits [B, Tq, K, G, S], masked to _NEG.
-
-    q_ids, k_ids: (positions, segment ids) [B, Tq] and [B, S]. A query sees keys of its segment
-    (at or before its position if causal, closer than `window` positions if windowed).
-    """
-    s = jnp.einsum("btkgh,bskh->btkgs", q, k, preferred_element_type=jnp.float32) * spec.scale
+def _mask(q_ids, k_ids, spec: _Spec) -> Array:
+    """[B, Tq], [B, S] (positions, segment ids) -> [B, Tq, S] bool: a query sees keys of its
+    segment (at or before its position if causal, closer than `window` positions if windowed)."""
     (qp, qs), (kp, ks) = q_ids, k_ids
-    mask = qs[:, :, None] == ks[:, None, :]  # [B, Tq, S]
+    mask = qs[:, :, None] == ks[:, None, :]
     if spec.causal:
         mask &= kp[:, None, :] <= qp[:, :, None]
     if spec.window is not None:
         mask &= jnp.abs(qp[:, :, None] - kp[:, None, :]) < spec.window
+    return mask
+
+
+def _logits(q, k, mask, spec: _Spec) -> Array:
+    """q [B, Tq, K, G, H], k [B, S, K, H], mask [B, Tq, S] -> fp32 logits [B, Tq, K, G, S], masked to _NEG."""
+    s = jnp.einsum("btkgh,bskh->btkgs", q, k, preferred_element_type=jnp.float32) * spec.scale
     return jnp.where(mask[:, :, None, None, :], s, _NEG)
+
+
+def _unless_masked(mask: Array, fn, carry):
+    """fn(carry), or carry unchanged where the [B, Tq, S] block is wholly masked (a causal mask
+    hides about half the blocks): `lax.cond` skips the block's matmuls at run time."""
+    return lax.cond(jnp.any(mask), fn, lambda c: c, carry)
 
 
 def _init_state(q: Array) -> tuple[Array, Array, Array]:
@@ -146,13 +155,20 @@ def _attend_block(state, q, k, v, q_ids, k_ids, spec: _Spec):
 
         def step(st, kv):
             kc, vc, kp, ks = kv
-            acc, m, total = st
-            s = _logits(qc, kc, (qp, qs), (kp, ks), spec)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            fix = jnp.exp(m - m_new)
-            pv = jnp.einsum("btkgs,bskh->btkgh", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
-            return (acc * fix[..., None] + pv, m_new, total * fix + p.sum(-1)), None
+            mask = _mask((qp, qs), (kp, ks), spec)
+
+            def update(st):
+                acc, m, total = st
+                s = _logits(qc, kc, mask, spec)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.exp(s - m_new[..., None])
+                fix = jnp.exp(m - m_new)
+                pv = jnp.einsum(
+                    "btkgs,bskh->btkgh", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32
+                )
+                return acc * fix[..., None] + pv, m_new, total * fix + p.sum(-1)
+
+            return _unless_masked(mask, update, st), None
 
         return lax.scan(step, st, keys)[0]
 
@@ -176,10 +192,15 @@ def _grad_q(q, k, v, do, lse, delta, q_ids, k_ids, spec: _Spec) -> Array:
 
         def step(dq, kv):
             kc, vc, kp, ks = kv
-            p = jnp.exp(_logits(qc, kc, (qp, qs), (kp, ks), spec) - lc[..., None])
-            dp = jnp.einsum("btkgh,bskh->btkgs", doc, vc, preferred_element_type=jnp.float32)
-            ds = p * (dp - dc[..., None]) * spec.scale
-            return dq + jnp.einsum("btkgs,bskh->btkgh", ds, kc, preferred_element_type=jnp.float32), None
+            mask = _mask((qp, qs), (kp, ks), spec)
+
+            def update(dq):
+                p = jnp.exp(_logits(qc, kc, mask, spec) - lc[..., None])
+                dp = jnp.einsum("btkgh,bskh->btkgs", doc, vc, preferred_element_type=jnp.float32)
+                ds = p * (dp - dc[..., None]) * spec.scale
+                return dq + jnp.einsum("btkgs,bskh->btkgh", ds, kc, preferred_element_type=jnp.float32)
+
+            return _unless_masked(mask, update, dq), None
 
         return lax.scan(step, jnp.zeros(qc.shape, jnp.float32), keys)[0]
 
@@ -197,12 +218,17 @@ def _grad_kv(q, k, v, do, lse, delta, q_ids, k_ids, spec: _Spec) -> tuple[Array,
 
         def step(grads, qa):
             qc, doc, lc, dc, qp, qs = qa
-            p = jnp.exp(_logits(qc, kc, (qp, qs), (kp, ks), spec) - lc[..., None])
-            dv = jnp.einsum("btkgs,btkgh->bskh", p, doc, preferred_element_type=jnp.float32)
-            dp = jnp.einsum("btkgh,bskh->btkgs", doc, vc, preferred_element_type=jnp.float32)
-            ds = p * (dp - dc[..., None]) * spec.scale
-            dk = jnp.einsum("btkgs,btkgh->bskh", ds, qc, preferred_element_type=jnp.float32)
-            return (grads[0] + dk, grads[1] + dv), None
+            mask = _mask((qp, qs), (kp, ks), spec)
+
+            def update(grads):
+                p = jnp.exp(_logits(qc, kc, mask, spec) - lc[..., None])
+                dv = jnp.einsum("btkgs,btkgh->bskh", p, doc, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("btkgh,bskh->btkgs", doc, vc, preferred_element_type=jnp.float32)
+                ds = p * (dp - dc[..., None]) * spec.scale
+                dk = jnp.einsum("btkgs,btkgh->bskh", ds, qc, preferred_element_type=jnp.float32)
+                return grads[0] + dk, grads[1] + dv
+
+            return _unless_masked(mask, update, grads), None
 
         zeros = jnp.zeros(kc.shape, jnp.float32)
         return lax.scan(step, (zeros, zeros), queries)[0]
