@@ -37,6 +37,12 @@ flags.DEFINE_list(
 )
 flags.DEFINE_string("target", "tpu:v6e:2x4", "The compile target.")
 flags.DEFINE_string("out", "docs/results/context_parallel", "Folder of compiles.jsonl.")
+flags.DEFINE_list(
+    "ingest",
+    [],
+    "Logs of `python -m flaxformer_lite.tools.aot` runs to add (strategy and balance from the file name: "
+    "'ring' in it = ring, '_lb' = load balanced).",
+)
 flags.DEFINE_bool("table", False, "Print the markdown table of compiles.jsonl instead of compiling.")
 FLAGS = flags.FLAGS
 
@@ -59,6 +65,45 @@ def attention_flops(blocks: int, cfg, chunk: int = 512) -> float:
     return 18.0 * chunk * chunk * cfg.num_heads * cfg.head_dim * cfg.num_decoder_layers * blocks
 
 
+def _closed_forms(config, T: int, C: int, strategy: str, balance: bool) -> dict:
+    work = block_work(T, C, balance)
+    cfg = run_config.model_config(config, config.vocab_size)
+    return dict(
+        key=f"{FLAGS.target}|{T}|{C}|{strategy}|{int(balance)}", length=T, context=C, strategy=strategy,
+        load_balance=balance, attention_flops_busiest_device=attention_flops(work.max(), cfg),
+        block_work_per_device=work.tolist(), causal_imbalance=float(work.max() / work.mean()),
+    )  # fmt: skip
+
+
+def _config(T: int, C: int, strategy: str, balance: bool, devices: int):
+    config = load_config("configs/gpt2_small.py")
+    config.update(dict(max_length=T, batch_size=1, mesh_data=devices // C, mesh_context=C))
+    config.update(dict(context_strategy=strategy, context_load_balance=balance))
+    config.model.overrides.update(dict(remat_policy="full", scan_layers=True, memory_length=0))
+    return config
+
+
+def _append(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(row["key"], "fits" if row["fits"] else "does not fit", flush=True)
+
+
+def ingest(path: str, logs: list[str]) -> None:
+    """Rows from the JSON lines the aot command printed (the same compile, run from the shell)."""
+    for log in logs:
+        with open(log) as f:
+            for line in f:
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    mesh, flags_ = r["mesh"], os.path.basename(log)
+                    strategy = "ring" if "ring" in flags_ else "all_gather"
+                    balance = "_lb" in flags_
+                    config = _config(r["length"], mesh["context"], strategy, balance, r["devices"])
+                    forms = _closed_forms(config, r["length"], mesh["context"], strategy, balance)
+                    _append(path, {**r, **forms, "source": f"python -m flaxformer_lite.tools.aot ({flags_})"})
+
+
 def run(path: str) -> None:
     done = set()
     if os.path.exists(path):
@@ -69,31 +114,16 @@ def run(path: str) -> None:
     for point in FLAGS.points:
         T, C, strategy, balance = point.split(":")
         T, C, balance = int(T), int(C), bool(int(balance))
-        key = f"{FLAGS.target}|{T}|{C}|{strategy}|{int(balance)}"
-        if key in done:
+        config = _config(T, C, strategy, balance, len(devices))
+        forms = _closed_forms(config, T, C, strategy, balance)
+        if forms["key"] in done:
             continue
-        config = load_config("configs/gpt2_small.py")
-        fields = dict(max_length=T, batch_size=1, mesh_data=len(devices) // C, mesh_context=C)
-        fields.update(context_strategy=strategy, context_load_balance=balance)
-        config.update(fields)
-        model = dict(remat_policy="full", scan_layers=True, memory_length=0)
-        config.model.overrides.update(model)
         start = time.perf_counter()
         try:
             row = aot.compile_for(config, target, devices, "train_step")
         except aot.DoesNotFit as e:
             row = {"target": FLAGS.target, "fits": False, "error": str(e)}
-        exp_cfg, work = run_config.model_config(config, config.vocab_size), block_work(T, C, balance)
-        row.update(
-            key=key, length=T, context=C, strategy=strategy, load_balance=balance,
-            overrides={**fields, **model},
-            attention_flops_busiest_device=attention_flops(work.max(), exp_cfg),
-            block_work_per_device=work.tolist(), causal_imbalance=float(work.max() / work.mean()),
-            sweep_seconds=round(time.perf_counter() - start, 1),
-        )  # fmt: skip
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(key, "fits" if row["fits"] else "does not fit", flush=True)
+        _append(path, {**row, **forms, "sweep_seconds": round(time.perf_counter() - start, 1)})
 
 
 def table(path: str) -> None:
@@ -122,7 +152,12 @@ def main(argv):
         jax.config.update("jax_platforms", "cpu")
     os.makedirs(FLAGS.out, exist_ok=True)
     path = os.path.join(FLAGS.out, "compiles.jsonl")
-    table(path) if FLAGS.table else run(path)
+    if FLAGS.ingest:
+        ingest(path, FLAGS.ingest)
+    elif FLAGS.table:
+        table(path)
+    else:
+        run(path)
 
 
 if __name__ == "__main__":
