@@ -127,6 +127,9 @@ def get_config():
     # none); evaluation/long_documents.py
     c.long_document_window = 0
     c.long_document_strides = ""
+    # ...and read whole, segment by segment (max_length tokens), with Transformer-XL memory of each of
+    # these lengths, e.g. "0,128,256" ("" = none; needs rope/relative/alibi positions); evaluation/memory.py
+    c.long_document_memory = ""
     # The validation metric that picks the model: "" (loss every eval_every, greedy BLEU every
     # bleu_every) | loss | perplexity | bleu | chrf (scored every eval_every and at the last step).
     c.valid_metric = ""

@@ -297,9 +297,11 @@ def _rows(batch):
 
 
 @pytest.mark.slow
-def test_eval_prints_strided_perplexity_of_whole_held_out_chapters(data_dir, tmp_path, capsys):
+def test_eval_prints_strided_and_memory_perplexity_of_whole_held_out_chapters(data_dir, tmp_path, capsys):
     config = _long_doc_config(data_dir, num_train_steps=4, checkpoint_every=4, async_checkpoints=False)
+    config.model.overrides.position = "rope"  # memory needs positions relative to the segment
     config.long_document_strides = "16,32"
+    config.long_document_memory = "0,32"
     loop.train_and_evaluate(config, str(tmp_path))
     summary = run.evaluate_workdir(
         config, str(tmp_path), "test", beams=1, alpha=0.6, max_examples=0, batch_size=0
@@ -313,7 +315,12 @@ def test_eval_prints_strided_perplexity_of_whole_held_out_chapters(data_dir, tmp
     for stride in ("16", "32"):
         assert got["strided"][stride]["tokens"] == tokens
     assert got["strided"]["16"]["windows"] > got["strided"]["32"]["windows"]
-    assert "strided perplexity (4 whole documents" in capsys.readouterr().out
+    # Memory 0 reads the documents in independent segments of 32: the strided pass with stride = window
+    # (another implementation) scores the same tokens from the same contexts.
+    assert {m: r["tokens"] for m, r in got["memory"].items()} == {"0": tokens, "32": tokens}
+    assert got["memory"]["0"]["nll"] == pytest.approx(got["strided"]["32"]["nll"], rel=1e-5)
+    out = capsys.readouterr().out
+    assert "long documents (4 whole documents" in out and "segments of 32 with memory 32: perplexity" in out
 
 
 @pytest.mark.hf

@@ -25,6 +25,7 @@ from flaxformer_lite import ops, sharding
 from flaxformer_lite.data.pipeline import text_of
 from flaxformer_lite.evaluation import corpus_metrics
 from flaxformer_lite.ids import EOS_ID, PAD_ID
+from flaxformer_lite.model.models import variant
 
 
 def plan_windows(num_targets: int, window: int, stride: int) -> np.ndarray:
@@ -104,9 +105,11 @@ def document_streams(sp, texts) -> list[np.ndarray]:
     return [np.asarray([PAD_ID, *sp.encode(text_of(t)), EOS_ID], np.int32) for t in texts]
 
 
-def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...]) -> dict:
+def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...], memories=()) -> dict:
     """Strided perplexity of `exp`'s language model on the whole documents of `split`, per stride:
-    {"window", "documents", "document_tokens", "strided": {stride: {nll, perplexity, tokens, windows}}}."""
+    {"window", "documents", "document_tokens", "strided": {stride: {nll, perplexity, tokens, windows}}},
+    and with `memories` (Transformer-XL memory lengths) "segment_length" and
+    "memory": {M: {nll, perplexity, tokens}}: the same tokens read in segments of max_length."""
     if not exp.task.generates:
         raise ValueError(
             f"strided perplexity scores a language model; task {exp.task.name!r} is not one: "
@@ -117,6 +120,9 @@ def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...]) 
     streams = document_streams(exp.tokenizer, (source[i][feature] for i in range(len(source))))
     out = {"window": window, "documents": len(streams), "document_tokens": sum(len(s) - 1 for s in streams)}
     out["strided"] = {}
+    if memories:
+        out["segment_length"] = exp.config.max_length
+        out["memory"] = _memory_perplexities(exp, params, streams, memories)
     for stride in strides:
         sums = strided_nll(
             params, exp.inference_model, exp.task, streams, window=window, stride=stride,
@@ -129,6 +135,31 @@ def evaluate(exp, params, split: str, *, window: int, strides: tuple[int, ...]) 
             "windows": sums["windows"],
         }
     return out
+
+
+def _memory_perplexities(exp, params, streams, memories) -> dict:
+    """{M: {nll, perplexity, tokens}}: each stream's tokens after its start, with memory M (memory.py)."""
+    from flaxformer_lite.evaluation.memory import memory_perplexity
+
+    out = {}
+    for memory in memories:
+        r = memory_perplexity(
+            variant(exp.inference_model, memory_length=memory), params, [s[1:] for s in streams],
+            segment_length=exp.config.max_length, batch_size=exp.config.batch_size,
+        )  # fmt: skip
+        out[str(memory)] = {"nll": r["loss"], "perplexity": r["perplexity"], "tokens": r["tokens"]}
+    return out
+
+
+def parse_lengths(text: str, field: str) -> tuple[int, ...]:
+    """The lengths of "0,128,256": (0, 128, 256), each >= 0 (a one-line error otherwise)."""
+    try:
+        lengths = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"bad config: {field}={text!r}; give comma-separated integers.") from None
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"bad config: {field}={text!r}; lengths must be >= 0.")
+    return lengths
 
 
 def parse_strides(text: str, window: int) -> tuple[int, ...]:

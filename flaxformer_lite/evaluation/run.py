@@ -41,7 +41,7 @@ def evaluate_workdir(config, workdir: str, split: str, *, beams: int, alpha: flo
         exp, params, split=split, max_batches=max_batches, bleu_examples=max_examples, decode_fn=decode,
         batch_size=batch_size or config.batch_size,
     )  # fmt: skip
-    if config.long_document_strides:  # a language model on whole documents, a sliding window
+    if config.long_document_strides or config.long_document_memory:  # an LM on whole documents
         result["long_documents"] = _long_documents(exp, params, split)
     summary = {"split": split, "checkpoint_step": step, "checkpoint": checkpoint, "weights": weights,
                "dataset": config.dataset_name}  # fmt: skip
@@ -89,7 +89,8 @@ def _long_documents(exp, params, split: str) -> dict:
 
     window = exp.config.long_document_window or exp.config.max_length
     strides = long_documents.parse_strides(exp.config.long_document_strides, window)
-    return long_documents.evaluate(exp, params, split, window=window, strides=strides)
+    memories = long_documents.parse_lengths(exp.config.long_document_memory, "long_document_memory")
+    return long_documents.evaluate(exp, params, split, window=window, strides=strides, memories=memories)
 
 
 def _lines(lines: list[str]) -> str:
@@ -99,11 +100,15 @@ def _lines(lines: list[str]) -> str:
 def long_documents_lines(result: dict) -> str:
     """What eval.py prints of `long_documents.evaluate`'s result: a line per stride."""
     lines = [
-        f"strided perplexity ({result['documents']} whole documents, {result['document_tokens']} tokens, "
-        f"window {result['window']}):"
+        f"long documents ({result['documents']} whole documents, {result['document_tokens']} tokens; "
+        f"strided: window {result['window']}):"
     ]
     for stride, r in result["strided"].items():
-        lines.append(f"  stride {stride}: perplexity {r['perplexity']:.2f} ({r['windows']} windows)")
+        lines.append(f"  strided, stride {stride}: perplexity {r['perplexity']:.2f} ({r['windows']} windows)")
+    for memory, r in result.get("memory", {}).items():
+        lines.append(
+            f"  segments of {result['segment_length']} with memory {memory}: perplexity {r['perplexity']:.2f}"
+        )
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ RESUMABLE_CHANGES = (
     "process_id", "model.overrides.attention_impl", "model.overrides.remat_policy", "keep_best", "patience",
     "valid_beam_size", "objective", "mrt_candidates", "mrt_source", "mrt_temperature", "mrt_alpha", "mrt_mix",
     "mesh_context", "context_strategy", "context_load_balance",
-    "long_document_window", "long_document_strides",  # read by eval.py only
+    "long_document_window", "long_document_strides", "long_document_memory",  # read by eval.py only
 )  # fmt: skip
 
 
