@@ -65,11 +65,11 @@ def attention_flops(blocks: int, cfg, chunk: int = 512) -> float:
     return 18.0 * chunk * chunk * cfg.num_heads * cfg.head_dim * cfg.num_decoder_layers * blocks
 
 
-def _closed_forms(config, T: int, C: int, strategy: str, balance: bool) -> dict:
+def _closed_forms(config, T: int, C: int, strategy: str, balance: bool, target: str) -> dict:
     work = block_work(T, C, balance)
     cfg = run_config.model_config(config, config.vocab_size)
     return dict(
-        key=f"{FLAGS.target}|{T}|{C}|{strategy}|{int(balance)}", length=T, context=C, strategy=strategy,
+        key=f"{target}|{T}|{C}|{strategy}|{int(balance)}", length=T, context=C, strategy=strategy,
         load_balance=balance, attention_flops_busiest_device=attention_flops(work.max(), cfg),
         block_work_per_device=work.tolist(), causal_imbalance=float(work.max() / work.mean()),
     )  # fmt: skip
@@ -100,7 +100,9 @@ def ingest(path: str, logs: list[str]) -> None:
                     strategy = "ring" if "ring" in flags_ else "all_gather"
                     balance = "_lb" in flags_
                     config = _config(r["length"], mesh["context"], strategy, balance, r["devices"])
-                    forms = _closed_forms(config, r["length"], mesh["context"], strategy, balance)
+                    forms = _closed_forms(
+                        config, r["length"], mesh["context"], strategy, balance, r["target"]
+                    )
                     _append(path, {**r, **forms, "source": f"python -m flaxformer_lite.tools.aot ({flags_})"})
 
 
@@ -115,7 +117,7 @@ def run(path: str) -> None:
         T, C, strategy, balance = point.split(":")
         T, C, balance = int(T), int(C), bool(int(balance))
         config = _config(T, C, strategy, balance, len(devices))
-        forms = _closed_forms(config, T, C, strategy, balance)
+        forms = _closed_forms(config, T, C, strategy, balance, FLAGS.target)
         if forms["key"] in done:
             continue
         start = time.perf_counter()
@@ -130,9 +132,10 @@ def table(path: str) -> None:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
-    print("| T | context | strategy | load balance | GiB/device (args + temp) | fits | collectives | "
+    print("| target | T | context | strategy | load balance | GiB/device (args + temp) | fits | "
+          "collectives | "
           "attention TFLOPs (busiest device) | causal blocks max/mean | compile s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["length"], r["context"], r["strategy"], r["load_balance"])):
         b = r.get("per_device_bytes")
         memory = (
@@ -140,7 +143,9 @@ def table(path: str) -> None:
         )
         collectives = ", ".join(f"{k} x{n}" for k, n in r.get("collectives", {}).items())
         balance = "yes" if r["load_balance"] else "no"
-        print(f"| {r['length']} | {r['context']} | {r['strategy']} | {balance} | "
+        if r["context"] == 1:  # no context parallelism: the one-chip program (splash on TPU)
+            r["strategy"], balance = "(one chip)", "-"
+        print(f"| {r['target']} | {r['length']} | {r['context']} | {r['strategy']} | {balance} | "
               f"{memory} | {'yes' if r['fits'] else 'no'} | {collectives} | "
               f"{r['attention_flops_busiest_device'] / 1e12:.1f} | {r['causal_imbalance']:.2f} | "
               f"{r.get('compile_seconds', '')} |")  # fmt: skip
