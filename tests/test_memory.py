@@ -91,6 +91,27 @@ def test_segments_with_memory_equal_one_banded_pass(position, memory_length, sca
     assert np.abs(np.asarray(no_memory - got)[0, T:]).max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        dict(attention_pattern="local", pattern_window=5),
+        dict(attention_pattern="longformer", pattern_window=3, global_tokens=2),
+    ],
+)
+def test_memory_with_a_sparse_pattern_equals_one_banded_sparse_pass(pattern, monkeypatch):
+    """Row 0 holds one document, so its document positions are its row indices, which is what the
+    one-pass pattern reads: the band and the pattern together, segment by segment."""
+    cfg = tiny(position="rope", memory_length=7, pre_norm=True, **pattern)
+    params, tokens, docs, positions = _init(cfg)
+    got, _ = _segments(cfg, params, tokens, docs, positions)
+    want = _one_pass(cfg, params, tokens, docs, positions, monkeypatch)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    dense, _ = _segments(
+        cfg.replace(attention_pattern="full", global_tokens=0), params, tokens, docs, positions
+    )
+    assert np.abs(np.asarray(dense - got)[0]).max() > 1e-3  # the pattern is applied
+
+
 def test_a_new_document_does_not_see_the_previous_ones_memory():
     cfg = tiny(position="rope", memory_length=7)
     params, tokens, docs, positions = _init(cfg)

@@ -350,8 +350,10 @@ def test_splash_skips_blocks_as_the_closed_form_says(causal):
 
 
 def test_pattern_refused_where_it_would_be_ignored():
-    with pytest.raises(ValueError, match="memory attention"):
-        fl.tiny(attention_pattern="chunked", pattern_window=4, memory_length=8, position="rope")
+    with pytest.raises(ValueError, match="memory positions grow"):
+        fl.tiny(
+            attention_pattern="bigbird", pattern_window=8, pattern_block=4, memory_length=8, position="rope"
+        )
 
 
 @pytest.mark.parametrize("causal", [False, True])

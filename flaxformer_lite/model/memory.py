@@ -7,7 +7,8 @@ A segment's queries attend to those M slots plus their own causal prefix (`ops.c
 so query i of a segment starting at stream position s0 sees keys j with s0 - M <= j <= i of its
 own document: what one pass over the whole stream with that banded mask computes, layer by layer
 (tests/test_memory.py). The memory is read and written under `lax.stop_gradient`: no gradient
-reaches the previous segment.
+reaches the previous segment. A sparse `attention_pattern` (local, longformer, chunked; not bigbird,
+whose block map needs bounded positions) applies to memory and segment alike, by document position.
 
 Keys are stored after RoPE (rotated at their document positions) and relative/ALiBi biases are
 computed from stored positions, so only offsets matter. Document ids must be distinct across the
@@ -68,7 +69,9 @@ def attend(module: nn.Module, q: Array, k: Array, v: Array, doc_ids: Array, posi
     if cfg.local_window is not None:
         window = ops.sliding_window_mask(positions, kv_pos, cfg.local_window)
     # Same document, not later: memory slots precede the segment, and positions grow within a document.
-    mask = ops.combine_masks(ops.segment_mask(doc_ids, kv_doc), ops.causal_mask(positions, kv_pos), window)
+    # A sparse pattern reads document positions: longformer's globals are each document's first tokens.
+    causal = ops.pattern_mask(cfg.pattern, positions, kv_pos, causal=True)
+    mask = ops.combine_masks(ops.segment_mask(doc_ids, kv_doc), causal, window)
     bias = module._position_bias(positions, kv_pos, table)
     out = ops.cached_attention(q, keys, values, mask=mask, bias=bias, scale=module._scale)
     if variables is not None and module.is_mutable_collection(MEMORY):
