@@ -276,21 +276,8 @@ def dot_product_attention(
         TPU, XLA otherwise or when a mask/bias is given. Or force "xla", "cudnn", "splash",
         "splash_interpret" or "reference" (plain einsum: tests and attention dropout).
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r}; use one of {IMPLEMENTATIONS}.")
-    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
-        raise ValueError(f"expected q [B,T,N,H] and k, v [B,S,K,H]; got q{q.shape} k{k.shape} v{v.shape}.")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"q{q.shape} and k{k.shape} disagree: batch and head dim must match and the "
-            "query heads must be a multiple of the key/value heads."
-        )
     dropout_active = dropout_rate > 0.0 and dropout_rng is not None
-    if dropout_active and implementation not in (None, "reference"):
-        raise ValueError(
-            f"attention dropout needs implementation='reference', not {implementation!r}; "
-            "set the attention dropout rate to 0 to use the fused kernels."
-        )
+    _check_inputs(q, k, v, implementation, dropout_active)
     if pattern is not None and pattern.kind in ("full", "local"):  # the window kernels serve these
         if pattern.kind == "local" and local_window is not None:
             raise ValueError("both local_window and a local pattern given: pass one of them.")
@@ -338,6 +325,29 @@ def dot_product_attention(
                 q, k, v, bias=bias, mask=full, scale=scale, implementation="xla"
             )
         return fused.zero_padding_queries(out, segment_ids)
+    return _xla_windowed(q, k, v, bias=bias, is_causal=is_causal, local_window=local_window, scale=scale)
+
+
+def _check_inputs(q, k, v, implementation, dropout_active: bool) -> None:
+    """One-line errors for shapes that do not fit together and for impossible requests."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; use one of {IMPLEMENTATIONS}.")
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError(f"expected q [B,T,N,H] and k, v [B,S,K,H]; got q{q.shape} k{k.shape} v{v.shape}.")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"q{q.shape} and k{k.shape} disagree: batch and head dim must match and the "
+            "query heads must be a multiple of the key/value heads."
+        )
+    if dropout_active and implementation not in (None, "reference"):
+        raise ValueError(
+            f"attention dropout needs implementation='reference', not {implementation!r}; "
+            "set the attention dropout rate to 0 to use the fused kernels."
+        )
+
+
+def _xla_windowed(q, k, v, *, bias, is_causal: bool, local_window: int | None, scale):
+    """XLA attention without a mask array: causality and the window as jax's own arguments."""
     window = None if local_window is None else (local_window - 1, local_window - 1)
     if is_causal and window is not None:
         window = (window[0], 0)
