@@ -22,11 +22,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AXES": "sharding",
-    "DecoderLayer": "model.layers",
+    "DecoderLayer": "model.blocks",
     "Embed": "model.layers",
-    "EncoderLayer": "model.layers",
+    "EncoderLayer": "model.blocks",
     "Mlp": "model.layers",
-    "MultiHeadAttention": "model.layers",
+    "MultiHeadAttention": "model.attention",
     "Norm": "model.layers",
     "Decoder": "model.models",
     "DecoderOnly": "model.models",

@@ -19,7 +19,7 @@ from optax.transforms import MaskedNode
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
-# The logical axis names: on params (layers.py), on activations and in the rule table below.
+# The logical axis names: on params (model/), on activations and in the rule table below.
 BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV = "batch", "length", "embed", "heads", "kv_heads", "kv"
 MLP, VOCAB, LAYERS, CLASSES, BUCKETS = "mlp", "vocab", "layers", "classes", "relpos_buckets"
 AXES = (BATCH, LENGTH, EMBED, HEADS, KV_HEADS, KV, MLP, VOCAB, LAYERS, CLASSES, BUCKETS)

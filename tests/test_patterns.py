@@ -17,7 +17,7 @@ from flax import linen as nn
 
 import flaxformer_lite as fl
 from flaxformer_lite import ops
-from flaxformer_lite.model import layers
+from flaxformer_lite.model import attention
 from flaxformer_lite.ops import fused, patterns
 
 KINDS = ("local", "longformer", "longformer_listed", "bigbird", "chunked")
@@ -179,7 +179,7 @@ def test_implementation_choice():
 def _attention_support(cfg, causal, seg):
     """bool [T, T]: whether MultiHeadAttention's output i depends on input j (Jacobian != 0)."""
     T = seg.shape[1]
-    module = layers.MultiHeadAttention(cfg, causal=causal)
+    module = attention.MultiHeadAttention(cfg, causal=causal)
     x = jax.random.normal(jax.random.key(0), (1, T, cfg.d_model))
     params = module.init(jax.random.key(1), x, segment_ids=seg)
     f = lambda x: module.apply(params, x, segment_ids=seg)[0].sum(-1)  # noqa: E731  [T]

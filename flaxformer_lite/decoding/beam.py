@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from flaxformer_lite.decoding.sampling import NEG_INF, _while_in_stages, call_step, force, pad_forced
 from flaxformer_lite.ids import EOS_ID, PAD_ID
-from flaxformer_lite.model.layers import cache_path_names
+from flaxformer_lite.model.attention import cache_path_names
 
 LENGTH_PENALTIES = ("gnmt", "hf")
 

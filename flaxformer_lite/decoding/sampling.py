@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite.ids import EOS_ID, PAD_ID
-from flaxformer_lite.model.layers import resize_self_attention_cache, self_attention_cache_slots
+from flaxformer_lite.model.attention import resize_self_attention_cache, self_attention_cache_slots
 
 NEG_INF = -1.0e7  # a log-prob no hypothesis can reach (finite: sums of it stay comparable)
 STAGED_STEPS = 32  # decoding loops at least this long grow their self-attention cache in stages

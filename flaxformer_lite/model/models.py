@@ -13,16 +13,9 @@ from flax import linen as nn
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import ModelConfig
-from flaxformer_lite.model.layers import (
-    DecoderLayer,
-    Dropout,
-    Embed,
-    EncoderLayer,
-    Norm,
-    dense,
-    relative_table,
-    run_layers,
-)
+from flaxformer_lite.model.attention import relative_table
+from flaxformer_lite.model.blocks import DecoderLayer, EncoderLayer, run_layers
+from flaxformer_lite.model.layers import Dropout, Embed, Norm, dense
 from flaxformer_lite.sharding import CLASSES, EMBED, LENGTH, MLP, VOCAB
 
 Array = jax.Array
