@@ -101,6 +101,7 @@ def test_find_max_batch_finds_the_largest_fitting_multiple(monkeypatch, limit, c
     assert len(calls) == compiles if compiles else len(calls) <= 12  # creeping by 4 would take 25+
 
 
+@pytest.mark.slow  # 30-130 s on 2 cores: the slow tier (CI runs it)
 @needs_tpu
 def test_train_step_compiles_for_tpu_with_splash():
     target = aot_targets.parse("tpu:v5e:2x2")
@@ -120,6 +121,7 @@ def test_train_step_compiles_for_tpu_with_splash():
     assert r["flops_per_step"] == pytest.approx(r["model_flops_per_step"], rel=0.1)
 
 
+@pytest.mark.slow  # 30-130 s on 2 cores: the slow tier (CI runs it)
 @needs_tpu
 def test_fsdp_shards_state_and_adds_collectives():
     """fsdp=4 over a v5e 2x2: the state per device is about a quarter of data=4's (the MLP biases
@@ -170,6 +172,7 @@ def test_cli_over_hbm_is_one_line_naming_target_bytes_and_fixes():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # 30-130 s on 2 cores: the slow tier (CI runs it)
 @needs_tpu
 def test_cli_prints_a_json_line_per_function():
     proc = _cli("--config=configs/quickstart.py", "--target=tpu:v5e:2x2", "--config.mesh_data=4")
@@ -188,6 +191,7 @@ def test_cli_unknown_target_is_one_line():
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown target 'tpu:v9:2x2'")
 
 
+@pytest.mark.slow  # 30-130 s on 2 cores: the slow tier (CI runs it)
 @needs_gpu
 @pytest.mark.parametrize("gpu, fused", [("h100", True), ("a100", False)])
 def test_train_step_compiles_for_gpu_with_cudnn_on_hopper_only(gpu, fused):

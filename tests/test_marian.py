@@ -278,6 +278,7 @@ def test_generate_and_eval_translate_with_an_imported_marian_like_transformers(t
     assert result["init_from_hf"] == str(tmp_path / "marian")
 
 
+@pytest.mark.slow  # 30-130 s on 2 cores: the slow tier (CI runs it)
 def test_train_fine_tunes_from_an_imported_marian(tmp_path):
     """train.py --config.init_from_hf starts from the imported weights: with learning rate 0 the
     checkpoint it saves translates exactly as transformers does (and eval.py reads it back)."""

@@ -81,6 +81,7 @@ def test_risk_gradient_matches_finite_differences():
     assert abs(float(numeric)) > 1e-4  # a real slope, not two zeros
 
 
+@pytest.mark.slow  # 30-130 s on 2 cores: the slow tier (CI runs it)
 def test_one_step_raises_the_probability_of_the_better_candidate():
     model, params, batch, cands, rewards = _tiny()
     key = jax.random.key(0)

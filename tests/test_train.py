@@ -47,6 +47,7 @@ def straight(shared, tmp_path_factory):
     return workdir, _run(shared, workdir)
 
 
+@pytest.mark.slow  # 30-130 s on 2 cores: the slow tier (CI runs it)
 def test_run_writes_everything_and_loss_falls(straight):
     workdir, final = straight
     for name in ("metrics.jsonl", "loss.png", "final_metrics.json", "spm.model"):
@@ -96,6 +97,7 @@ def _model(overrides):
     return ml_collections.ConfigDict({"preset": "transformer_base", "overrides": overrides})
 
 
+@pytest.mark.slow  # 30-130 s on 2 cores: the slow tier (CI runs it)
 def test_nan_at_a_step_stops_the_run_there_and_keeps_the_last_good_checkpoint(shared, tmp_path, monkeypatch):
     """Step 7 yields NaN (loss and params), as a poisoned batch would; nothing after 6 is saved."""
     import jax
