@@ -153,7 +153,8 @@ def cached_attention(
     softmax, GQA/MQA by grouping query heads; mask/bias/scale as in `reference_attention`.
     weights: also return the attention probabilities [B, N, T, S] (fp32).
     """
-    _announce(f"KV-cache decoding q{tuple(q.shape)} cache S={k.shape[3]}: head-major cache attention (XLA)")
+    users = "KV-cache decoding or Transformer-XL memory"
+    _announce(f"q{tuple(q.shape)} over a head-major cache of S={k.shape[3]} ({users}): XLA")
     return _grouped_attention(q, k, v, "bkhs", mask=mask, bias=bias, scale=scale, weights=weights)
 
 
