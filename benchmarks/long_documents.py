@@ -92,12 +92,13 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        ld = r["long_documents"]
-        pts = [(ld["window"], min(v["perplexity"] for v in ld["strided"].values()))]
-        pts += [(int(m) + L, v["perplexity"]) for m, v in ld.get("memory", {}).items()]
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    for i, (name, r) in enumerate(results.items()):
+        ld, color = r["long_documents"], f"C{i}"
+        best = min(v["perplexity"] for v in ld["strided"].values())  # the smaller stride
+        ax.plot([ld["window"]], [best], "s", color=color, label=f"{name}: strided, window {ld['window']}")
+        memory = sorted((int(m) + L, v["perplexity"]) for m, v in ld.get("memory", {}).items())
+        if memory:  # segments of L with memory M: a scored token sees at most M + L tokens
+            ax.plot(*zip(*memory, strict=True), "o--", color=color, label=f"{name}: memory M, at M + {L}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("most context a scored token sees (tokens)")
     ax.set_ylabel("test perplexity (whole chapters)")
