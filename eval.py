@@ -5,7 +5,9 @@ state), or with --hf_dir=DIR and no checkpoint in --workdir those of an imported
 (Marian opus-mt, with its own tokenizer), and reports on --split: token-level perplexity for
 every task; for translation also sacreBLEU and chrF of beam-search output (with the sacrebleu
 signatures); for a language model with --config.long_document_strides (configs/long_doc.py) also
-strided sliding-window perplexity over whole documents (evaluation/long_documents.py). Writes <dataset>.<split>.{hyp,src,ref<j>}.txt and <dataset>.<split>.json to --output_dir (default
+strided sliding-window perplexity over whole documents (evaluation/long_documents.py), and with
+--config.long_document_memory (configs/long_doc_memory.py) perplexity read with Transformer-XL memory.
+Writes <dataset>.<split>.{hyp,src,ref<j>}.txt and <dataset>.<split>.json to --output_dir (default
 <workdir>/eval/); an own corpus's <dataset> carries its source hash, so no evaluation overwrites another's.
 They are written all or none: a full disk leaves the previous ones whole.
 """
