@@ -21,7 +21,7 @@ import time
 import jax
 from absl import app, flags
 
-from benchmarks.common import load_config
+from benchmarks.common import append_row, done_keys, load_config
 from flaxformer_lite.tools import aot, aot_targets
 
 flags.DEFINE_enum("sweep", "presets", ["presets", "max_batch", "long_context", "sharding"], "Which sweep.")
@@ -60,15 +60,8 @@ def _rows():
             yield f"{target}|data{data}|fsdp{fsdp}", "gpt2_small", target, fields, {}, False
 
 
-def _done(path: str) -> set[str]:
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        return {json.loads(line)["key"] for line in f if line.strip()}
-
-
 def run(path: str) -> None:
-    done = _done(path)
+    done = done_keys(path)
     devices: dict[str, list] = {}
     for key, name, target_name, fields, model, search in _rows():
         if key in done:
@@ -87,8 +80,7 @@ def run(path: str) -> None:
         seconds = round(time.perf_counter() - start, 1)
         row.update(key=key, config_file=f"configs/{name}.py", overrides={**fields, **model},
                    scan_layers=FLAGS.scan_layers, sweep_seconds=seconds)  # fmt: skip
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(path, row)
         print(key, "fits" if row["fits"] else "does not fit", row.get("max_batch", ""), flush=True)
 
 

@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common import load_config
+from benchmarks.common import append_row, done_keys, load_config
 from flaxformer_lite import config as model_config
 from flaxformer_lite.ops import fused
 from flaxformer_lite.tools import aot, aot_targets
@@ -70,10 +70,7 @@ def _row(name: str, T: int, target, devices) -> dict:
 def run() -> None:
     path = os.path.join(FLAGS.out, "patterns_aot.jsonl")
     os.makedirs(FLAGS.out, exist_ok=True)
-    done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            done = {json.loads(line)["key"] for line in f if line.strip()}
+    done = done_keys(path)
     target = aot_targets.parse(FLAGS.target)
     devices = aot_targets.devices(target)
     for T in (int(t) for t in FLAGS.lengths):
@@ -81,8 +78,7 @@ def run() -> None:
             if f"{name}|{T}" in done:
                 continue
             row = _row(name, T, target, devices)
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(path, row)
             print(row["key"], row["blocks_computed"], row["blocks_total"], row["sweep_seconds"], flush=True)
 
 

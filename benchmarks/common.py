@@ -44,6 +44,21 @@ def environment() -> dict:
     }
 
 
+def done_keys(path: str) -> set[str]:
+    """The "key" of every row already in the JSON-lines file `path` (none if it does not exist): what a
+    resumable sweep skips."""
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {json.loads(line)["key"] for line in f if line.strip()}
+
+
+def append_row(path: str, row: dict) -> None:
+    """Append `row` to the JSON-lines file `path` as one line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def load_config(path: str):
     """get_config() of an ml_collections config file (as --config= would load it)."""
     spec = importlib.util.spec_from_file_location("bench_config", path)

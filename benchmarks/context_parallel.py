@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import load_config
+from benchmarks.common import append_row, done_keys, load_config
 from flaxformer_lite.ops import context_parallel as cp
 from flaxformer_lite.tools import aot, aot_targets
 from flaxformer_lite.train import run_config
@@ -84,8 +84,7 @@ def _config(T: int, C: int, strategy: str, balance: bool, devices: int):
 
 
 def _append(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(path, row)
     print(row["key"], "fits" if row["fits"] else "does not fit", flush=True)
 
 
@@ -107,10 +106,7 @@ def ingest(path: str, logs: list[str]) -> None:
 
 
 def run(path: str) -> None:
-    done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            done = {json.loads(line)["key"] for line in f if line.strip()}
+    done = done_keys(path)
     target = aot_targets.parse(FLAGS.target)
     devices = aot_targets.devices(target)
     for point in FLAGS.points:
