@@ -151,12 +151,17 @@ def _memory_perplexities(exp, params, streams, memories) -> dict:
     return out
 
 
-def parse_lengths(text: str, field: str) -> tuple[int, ...]:
-    """The lengths of "0,128,256": (0, 128, 256), each >= 0 (a one-line error otherwise)."""
+def _integers(text: str, field: str) -> tuple[int, ...]:
+    """The integers of "64,128" (empty parts skipped); a one-line error naming `field` otherwise."""
     try:
-        lengths = tuple(int(s) for s in text.split(",") if s.strip())
+        return tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise ValueError(f"bad config: {field}={text!r}; give comma-separated integers.") from None
+
+
+def parse_lengths(text: str, field: str) -> tuple[int, ...]:
+    """The lengths of "0,128,256": (0, 128, 256), each >= 0 (a one-line error otherwise)."""
+    lengths = _integers(text, field)
     if any(n < 0 for n in lengths):
         raise ValueError(f"bad config: {field}={text!r}; lengths must be >= 0.")
     return lengths
@@ -164,12 +169,7 @@ def parse_lengths(text: str, field: str) -> tuple[int, ...]:
 
 def parse_strides(text: str, window: int) -> tuple[int, ...]:
     """The strides of "64,128": (64, 128), each within 1..window."""
-    try:
-        strides = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ValueError(
-            f"bad config: long_document_strides={text!r}; give comma-separated integers."
-        ) from None
+    strides = _integers(text, "long_document_strides")
     for stride in strides:
         if not 0 < stride <= window:
             raise ValueError(
