@@ -127,3 +127,29 @@ def test_streamed_lines_count_skips(tmp_path):
     assert rows == [("a", "b"), ("f", "g")]
     assert sum(skipped.values()) == 4 and skipped["not UTF-8"] == 1 and skipped["empty field"] == 1
     assert np.sum(list(skipped.values())) == 4
+
+
+def test_split_slices_read_the_records_they_name_over_shards(tmp_path, monkeypatch):
+    """A TFDS slice ("train[a:b]", percentages, negative ends) of a split spread over several shards
+    reads exactly those lines of the file, through TFDS decoding and through the raw `texts` read."""
+    monkeypatch.setattr(writer, "BUFFER_BYTES", 500)
+    monkeypatch.setattr(writer, "SHARD_BYTES", 1500)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    want = [(f"source sentence {i}", f"Zielsatz {i}") for i in range(300)]
+    (corpus / "train.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in want))
+    data_dir, shards = str(tmp_path / "tfds"), None
+    slices = {"train": want, "train[:1]": want[:1], "train[:100]": want[:100], "train[37:211]": want[37:211],
+              "train[-5:]": want[-5:], "train[10%:20%]": want[30:60], "train[299:]": want[299:]}  # fmt: skip
+    for start in range(0, 260, 13):  # every shard boundary region, a slice of 41 from each start
+        slices[f"train[{start}:{start + 41}]"] = want[start : start + 41]
+    for split, expected in slices.items():
+        source = datasets.open_source("tsv_translate", split, data_dir, manual_dir=str(corpus))
+        shards = shards or len(source.paths)
+        assert [(x["source"].decode(), x["target"].decode()) for x in source] == expected, split
+        assert source.texts(0, len(source), ["source", "target"]) == expected, split
+    assert shards > 4
+    with pytest.raises(ValueError, match=r"bad split 'train\[:x\]'.*train\[:1000\]"):
+        datasets.open_source("tsv_translate", "train[:x]", data_dir, manual_dir=str(corpus))
+    with pytest.raises(ValueError, match="has no split 'dev"):
+        datasets.open_source("tsv_translate", "dev[:10]", data_dir, manual_dir=str(corpus))

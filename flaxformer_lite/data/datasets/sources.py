@@ -73,7 +73,9 @@ def open_source(name: str, split: str, data_dir: str, *, manual_dir: str | None 
     """Random-access TFDS source for `name` ("dataset/config") and `split`, built if it is ours.
 
     Our builders are prepared into `data_dir` on first use (array_record, no TensorFlow). Any other
-    TFDS dataset must already be prepared there; otherwise the error says how.
+    TFDS dataset must already be prepared there; otherwise the error says how. `split` may be a TFDS
+    slice ("train[:1000]", "train[10%:20%]"): prepared splits are stored shuffled, so a slice is a
+    seeded random subset (e.g. fewer labelled examples).
     """
     builder = _builder(name, data_dir, **builder_kwargs)
     if not builder.is_prepared():
@@ -86,15 +88,20 @@ def open_source(name: str, split: str, data_dir: str, *, manual_dir: str | None 
         config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
         logging.info("preparing %s in %s", name, data_dir)
         builder.download_and_prepare(file_format="array_record", download_config=config)
-    if split not in builder.info.splits:
+    if split.split("[")[0] not in builder.info.splits:
         raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-    info = builder.info.splits[split]
+    try:
+        info = builder.info.splits[split]
+    except (ValueError, AssertionError, KeyError) as e:  # a malformed slice
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"bad split {split!r} of {name!r} ({why}); slices read like 'train[:1000]'.") from e
     if info.num_examples == 0:
         raise ValueError(f"split {split!r} of {name!r} is empty; pick another split.")
     files_read = info.file_instructions  # the split's files, in the order its records are numbered
     paths, counts = [str(f.filename) for f in files_read], [f.take for f in files_read]
     fix = _reprepare(name, data_dir, builder.data_dir)
-    return CheckedSource(builder.as_data_source(split=split), paths, counts, fix)
+    skips = [(f.skip, f.examples_in_shard) for f in files_read]
+    return CheckedSource(builder.as_data_source(split=split), paths, counts, fix, skips)
 
 
 def _reprepare(name: str, data_dir: str, folder: str) -> str:
@@ -114,9 +121,13 @@ class CheckedSource:
     fails here, before any training; a garbled record deeper in fails when it is read.
     """
 
-    def __init__(self, source, paths: list[str], counts: list[int], fix: str):
+    def __init__(self, source, paths: list[str], counts: list[int], fix: str, skips=None):
         self.source, self.paths, self.fix = source, paths, fix
         self.ends = list(itertools.accumulate(counts))  # one past each file's last record
+        # A slice reads records [skip, skip + count) of each file: (skip, records in the file) per file
+        skips = skips or [(0, c) for c in counts]
+        shard_starts = [0, *itertools.accumulate(n for _, n in skips)][:-1]
+        self._raw_offsets = [start + skip for start, (skip, _) in zip(shard_starts, skips, strict=True)]
         for start, count in zip([0, *self.ends[:-1]], counts, strict=True):
             if count:
                 self[start]
@@ -152,7 +163,7 @@ class CheckedSource:
             self._raw = ArrayRecordDataSource(self.paths)
         keys = list(range(start, stop))
         try:
-            records = self._raw.__getitems__(keys)
+            records = self._raw.__getitems__([self._raw_index(k) for k in keys])
             parsed = [tf_example_pb2.Example.FromString(r).features.feature for r in records]
         except Exception as e:  # noqa: BLE001
             raise self._unreadable(keys, e) from e
@@ -161,6 +172,11 @@ class CheckedSource:
         except IndexError:  # not one text per feature (another feature type): TFDS's decoding
             examples = self.__getitems__(keys)
             return [tuple(text_of(e[f]) for f in features) for e in examples]
+
+    def _raw_index(self, key: int) -> int:
+        """Record `key` of this (possibly sliced) split as an index into its whole files."""
+        shard = bisect.bisect_right(self.ends, key)
+        return self._raw_offsets[shard] + key - ([0, *self.ends][shard])
 
     def _unreadable(self, keys, e: Exception) -> files.UnreadableFileError:
         shards = sorted({bisect.bisect_right(self.ends, int(k)) for k in keys})
