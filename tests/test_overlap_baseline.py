@@ -46,3 +46,8 @@ def test_word_overlap_solves_the_original_pairs_and_not_the_adversarial_ones(tmp
     assert n >= 100 and abs(adv["word_overlap_logistic"]["accuracy"] - 0.5) <= 2.5 * 0.5 / np.sqrt(n)
     by_kind = adv["word_overlap_logistic"]["accuracy_by_kind"]
     assert by_kind["positive"] >= 0.9 and by_kind["swap_names"] <= 0.1  # swaps read as paraphrases
+    few = overlap_baseline.evaluate(  # fit on the first 200 pairs only (the labelled-data curve)
+        str(tmp_path), original, (original,), train_split="train[:200]", db_path=tiny_config.FIXTURE
+    )
+    assert few["trained_on"] == f"{original} train[:200] (200 pairs)"
+    assert few["weights"] != got["weights"]

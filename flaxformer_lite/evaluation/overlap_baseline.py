@@ -89,13 +89,16 @@ def score(model: Logistic, x: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> d
     return {**classification.scores(y, pred, 2), "loss": loss, "accuracy_by_kind": by_kind(y, pred, kinds)}
 
 
-def evaluate(data_dir: str, train_on: str, test_on: tuple[str, ...], **builder_kwargs) -> dict:
-    """The baseline fit on `train_on`'s train split, scored on the validation and test splits of
-    each dataset of `test_on` (beside the training split's majority class)."""
-    x, y, _ = load(train_on, "train", data_dir, **builder_kwargs)
+def evaluate(
+    data_dir: str, train_on: str, test_on: tuple[str, ...], train_split: str = "train", **builder_kwargs
+) -> dict:
+    """The baseline fit on `train_on`'s `train_split` (a slice such as "train[:1000]": fewer labelled
+    pairs), scored on the validation and test splits of each dataset of `test_on` (beside the
+    training split's majority class)."""
+    x, y, _ = load(train_on, train_split, data_dir, **builder_kwargs)
     model, majority = fit_logistic(x, y), int(np.bincount(y).argmax())
     weights = dict(zip(FEATURES, map(float, model.weights), strict=True))
-    out = {"trained_on": f"{train_on} train ({len(y)} pairs)", "weights": weights}
+    out = {"trained_on": f"{train_on} {train_split} ({len(y)} pairs)", "weights": weights}
     for name in test_on:
         for split in ("validation", "test"):
             x, y, kinds = load(name, split, data_dir, **builder_kwargs)
