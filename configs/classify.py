@@ -46,7 +46,7 @@ def get_config():
     c.batch_size = 32
     c.num_train_steps = 300
     c.schedule = "cosine"
-    # Chosen on validation accuracy (docs/results/classify/README.md): 3e-4 with dropout 0.1 left the
+    # Chosen on validation accuracy (docs/results/classify/issue30/README.md): 3e-4 with dropout 0.1 left the
     # encoders at chance after 300 steps; 1e-3 without dropout (as the pretraining) is the recipe.
     c.learning_rate = 1e-3
     c.warmup_steps = 30

