@@ -22,6 +22,7 @@ run in --out/runs.jsonl; a run already there is skipped, so an interrupted sweep
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -84,6 +85,39 @@ def run_one(key: str, steps: int, data_dir: str) -> dict:
     return row
 
 
+def body_scores(model: str, split: str, data_dir: str) -> dict:
+    """A pretraining run's scores on bible_lm `split`, each objective apart: masked-token (MLM) or
+    next-token (LM) loss and accuracy, and for MLM+NSP the next-sentence pair accuracy, from the
+    task's own forward (masking key fixed), whereas the train loop's eval mixes the two objectives."""
+    import jax
+    import numpy as np
+
+    from flaxformer_lite import sharding
+    from flaxformer_lite.train import experiment
+
+    config = common.load_config("configs/classify_lm.py" if model == "lm" else "configs/classify_mlm.py")
+    config.data_dir, config.next_sentence = data_dir, model == "mlm_nsp"
+    exp = experiment.build(config, os.path.join(ROOT, PRETRAINED[model]), tokenizer="load")
+    _, params = exp.restore_params(None)
+    forward = jax.jit(lambda p, b: exp.task.forward(exp.inference_model, p, b, jax.random.key(0)))
+    sums = np.zeros(5)  # token nll, token weight, token correct, pair correct, pairs
+    with jax.set_mesh(exp.mesh):
+        for batch in exp.eval_dataset(split):
+            logits, targets, weights = jax.device_get(forward(params, sharding.global_batch(batch, exp.mesh)))
+            logp = jax.nn.log_softmax(np.asarray(logits, np.float32))
+            nll = -np.take_along_axis(logp, targets[..., None].astype(np.int64), -1)[..., 0]
+            right = logp.argmax(-1) == targets
+            t = batch["targets"].shape[1]  # positions past t are next-sentence pairs (MLM+NSP)
+            tok, pair = np.s_[:, :t], np.s_[:, t:]
+            sums += [(nll[tok] * weights[tok]).sum(), weights[tok].sum(), (right[tok] * weights[tok]).sum(),
+                     (right[pair] * (weights[pair] > 0)).sum(), (weights[pair] > 0).sum()]  # fmt: skip
+    out = {"split": split, "token_loss": sums[0] / sums[1], "token_accuracy": sums[2] / sums[1],
+           "tokens_scored": int(sums[1])}  # fmt: skip
+    if sums[4]:
+        out.update(next_sentence_accuracy=sums[3] / sums[4], pairs=int(sums[4]))
+    return out
+
+
 def sweep(args) -> None:
     out = os.path.join(args.out, "runs.jsonl")
     for name in PRETRAINED.values():
@@ -112,11 +146,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--one", default="", help="(internal) run this key in this process")
     parser.add_argument("--report", action="store_true", help="only write table.md and the plots")
+    parser.add_argument("--bodies", action="store_true", help="score the pretrained bodies (bodies.json)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.one:
         data_dir = os.path.abspath(os.path.join(ROOT, "tfds"))
         common.append_row(os.path.join(args.out, "runs.jsonl"), run_one(args.one, args.steps, data_dir))
+    elif args.bodies:
+        data_dir = os.path.abspath(os.path.join(ROOT, "tfds"))
+        scores = {m: [body_scores(m, s, data_dir) for s in ("validation", "test")] for m in PRETRAINED}
+        with open(os.path.join(args.out, "bodies.json"), "w") as f:
+            json.dump(scores, f, indent=1)
+        print(json.dumps(scores, indent=1))
     elif args.report:
         from benchmarks import classify_report
 
