@@ -148,7 +148,8 @@ def plot_pretraining(root: str, path: str) -> None:
         rows = [json.loads(line) for line in open(metrics)]
         evals = [(r["step"], r["nll"]) for r in rows if r.get("split") == "eval"]
         if evals:
-            ax.plot(*zip(*evals, strict=True), marker="o", label=f"{LABELS[model]}: validation")
+            what = "(MLM + NSP) / 2, as the loop mixes them" if model == "mlm_nsp" else "validation"
+            ax.plot(*zip(*evals, strict=True), marker="o", label=f"{LABELS[model]}: {what}")
     ax.set_xlabel("pretraining step (32 rows x 128 tokens)")
     ax.set_ylabel("validation loss (nats per scored token)")
     ax.legend(fontsize=8)

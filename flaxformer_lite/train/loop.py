@@ -213,7 +213,8 @@ class _Run:
         self.ckpt.close()
         self.logger.close()
         self.feed.close()
-        logging.info("tokenization: %s", self.stats.report())
+        if self.stats.examples:  # memory's document streams read the token cache without counting
+            logging.info("tokenization: %s", self.stats.report())
 
 
 def _refuse_other_data(config, workdir: str) -> None:
