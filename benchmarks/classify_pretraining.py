@@ -40,6 +40,7 @@ MODELS = {  # model -> (config file, init_from workdir or "" for scratch)
     "scratch_dec": ("configs/classify_causal.py", ""),
     "lm": ("configs/classify_causal.py", "pre_lm"),
 }
+STEPS = 150  # fine-tuning steps (other budgets get their own workdirs and --out)
 DATASETS = {"original": "bible_paraphrase", "adversarial": "bible_paraphrase/adversarial"}
 
 
@@ -56,7 +57,7 @@ def run_one(key: str, steps: int, data_dir: str) -> dict:
     model, data, size, seed = key.split(".")
     config_path, init_from = MODELS[model]
     config = common.load_config(config_path)
-    workdir = os.path.join(ROOT, "ft", key)
+    workdir = os.path.join(ROOT, "ft" if steps == STEPS else f"ft_{steps}steps", key)
     config.dataset_name, config.data_dir, config.seed = DATASETS[data], data_dir, int(seed[1:])
     config.train_split = "train" if size == "all" else f"train[:{size}]"
     config.num_train_steps = config.checkpoint_every = steps
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--data", default="original,adversarial")
     parser.add_argument("--sizes", default="all")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--one", default="", help="(internal) run this key in this process")
     parser.add_argument("--report", action="store_true", help="only write table.md and the plots")
     parser.add_argument("--bodies", action="store_true", help="score the pretrained bodies (bodies.json)")

@@ -108,7 +108,8 @@ def plot_curve(out: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     groups, rows = _groups(_rows(out)), _rows(out)
-    datas = [d for d in ("original", "adversarial") if any(r["data"] == d for r in rows)]
+    sizes = {d: {r["size"] for r in rows if r["data"] == d} for d in ("original", "adversarial")}
+    datas = [d for d, s in sizes.items() if len(s) > 1]  # a curve needs two sizes (table.md has the rest)
     fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(6 * max(1, len(datas)), 4), squeeze=False)
     for ax, data in zip(axes[0], datas, strict=False):
         for model in MODELS:
