@@ -110,7 +110,7 @@ def plot_curve(out: str, path: str) -> None:
     groups, rows = _groups(_rows(out)), _rows(out)
     sizes = {d: {r["size"] for r in rows if r["data"] == d} for d in ("original", "adversarial")}
     datas = [d for d, s in sizes.items() if len(s) > 1]  # a curve needs two sizes (table.md has the rest)
-    fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(6 * max(1, len(datas)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(8.5 * max(1, len(datas)), 4), squeeze=False)
     for ax, data in zip(axes[0], datas, strict=False):
         for model in MODELS:
             points = []
@@ -129,7 +129,7 @@ def plot_curve(out: str, path: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel(f"labelled training pairs ({data})")
         ax.set_ylabel(f"{data} test accuracy")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
