@@ -74,8 +74,8 @@ def open_source(name: str, split: str, data_dir: str, *, manual_dir: str | None 
 
     Our builders are prepared into `data_dir` on first use (array_record, no TensorFlow). Any other
     TFDS dataset must already be prepared there; otherwise the error says how. `split` may be a TFDS
-    slice ("train[:1000]", "train[10%:20%]"): prepared splits are stored shuffled, so a slice is a
-    seeded random subset (e.g. fewer labelled examples).
+    slice ("train[:1000]", "train[10%:20%]"), e.g. for fewer labelled examples: a fixed random subset
+    where the split is stored shuffled by key hash (ours under writer.BUFFER_BYTES), else those lines.
     """
     builder = _builder(name, data_dir, **builder_kwargs)
     if not builder.is_prepared():
@@ -128,6 +128,8 @@ class CheckedSource:
         skips = skips or [(0, c) for c in counts]
         shard_starts = [0, *itertools.accumulate(n for _, n in skips)][:-1]
         self._raw_offsets = [start + skip for start, (skip, _) in zip(shard_starts, skips, strict=True)]
+        self._starts = [0, *self.ends[:-1]]  # each file's first record in this split's numbering
+        self._whole = self._raw_offsets == self._starts  # not a slice: record numbers are raw indices
         for start, count in zip([0, *self.ends[:-1]], counts, strict=True):
             if count:
                 self[start]
@@ -175,8 +177,10 @@ class CheckedSource:
 
     def _raw_index(self, key: int) -> int:
         """Record `key` of this (possibly sliced) split as an index into its whole files."""
+        if self._whole:
+            return key
         shard = bisect.bisect_right(self.ends, key)
-        return self._raw_offsets[shard] + key - ([0, *self.ends][shard])
+        return self._raw_offsets[shard] + key - self._starts[shard]
 
     def _unreadable(self, keys, e: Exception) -> files.UnreadableFileError:
         shards = sorted({bisect.bisect_right(self.ends, int(k)) for k in keys})
