@@ -124,12 +124,13 @@ def sweep(args) -> None:
     for name in PRETRAINED.values():
         if not os.path.exists(os.path.join(ROOT, name, "final_metrics.json")):
             sys.exit(f"pretraining run {ROOT}/{name} is not finished; train it first (see the docstring).")
+    done = common.done_keys(out)  # each key below is run once, so the file is read once
     for seed in map(int, args.seeds.split(",")):
         for size in args.sizes.split(","):
             for data in args.data.split(","):
                 for model in args.models.split(","):
                     key = key_of(model, data, size, seed)
-                    if key in common.done_keys(out):
+                    if key in done:
                         continue
                     print(f"== {key}", flush=True)
                     command = [sys.executable, "-m", "benchmarks.classify_pretraining", f"--one={key}",

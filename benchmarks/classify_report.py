@@ -107,7 +107,8 @@ def plot_curve(out: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups, rows = _groups(_rows(out)), _rows(out)
+    rows = _rows(out)
+    groups = _groups(rows)
     sizes = {d: {r["size"] for r in rows if r["data"] == d} for d in ("original", "adversarial")}
     datas = [d for d, s in sizes.items() if len(s) > 1]  # a curve needs two sizes (table.md has the rest)
     fig, axes = plt.subplots(1, max(1, len(datas)), figsize=(8.5 * max(1, len(datas)), 4), squeeze=False)
